@@ -1,0 +1,83 @@
+"""The run directory: checkpoints, `metrics.jsonl` and `results.json` of one training run.
+
+The directory is `<base>/<experiment>/<options>-seed<N>`, where `<options>` lists the options
+that differ from the experiment's defaults (`default` when none do, a hash when the list is
+long). Metric records are kept in memory and the whole `metrics.jsonl` is rewritten at every
+checkpoint, so the file always matches the last checkpoint and a resumed run can continue it.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from loggers.files import save_torch_atomic, write_json_atomic, write_jsonl_atomic
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME = 80
+
+
+def run_name(changed: dict[str, Any], seed: int) -> str:
+    """A readable directory name from the options that differ from the defaults."""
+    if not changed:
+        options = "default"
+    else:
+        options = ",".join(f"{key}={value}" for key, value in sorted(changed.items()))
+        options = options.replace("/", "_").replace(" ", "")
+        if len(options) > MAX_NAME:
+            digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode())
+            options = f"options-{digest.hexdigest()[:10]}"
+    return f"{options}-seed{seed}"
+
+
+class RunDirectory:
+    """Files of one run.
+
+    Args:
+        path: the run directory; created if needed.
+        resume_step: when resuming, the step of the checkpoint: metric records after it are
+            dropped from the existing `metrics.jsonl`.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.records: list[dict] = []
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(f"cannot create the run directory {self.path}: {error}") from None
+        if not os.access(self.path, os.W_OK):
+            raise OSError(f"the run directory {self.path} is not writable")
+        metrics = self.path / "metrics.jsonl"
+        if resume_step is not None and metrics.exists():
+            lines = metrics.read_text().splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+            self.records = [record for record in records if record["step"] <= resume_step]
+
+    @classmethod
+    def fresh(cls, base: str | Path, experiment: str, name: str) -> "RunDirectory":
+        """A new run directory; a numbered suffix avoids overwriting an earlier run."""
+        path = Path(base) / experiment / name
+        suffix = 1
+        while path.exists() and any(path.iterdir()):
+            path = Path(base) / experiment / f"{name}-{suffix}"
+            suffix += 1
+        return cls(path)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Keep one record; it reaches the disk at the next `flush`."""
+        self.records.append({"step": step, **metrics})
+
+    def flush(self) -> None:
+        write_jsonl_atomic(self.path / "metrics.jsonl", self.records)
+
+    def save_checkpoint(self, name: str, state: dict) -> Path:
+        path = self.path / name
+        save_torch_atomic(path, state)
+        return path
+
+    def write_results(self, results: dict) -> None:
+        write_json_atomic(self.path / "results.json", results)
