@@ -7,6 +7,7 @@ processes, and cached under `<root>/hulls/`. Run `python -m data.hulls` to gener
 import argparse
 import logging
 import os
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def read_hulls(path: Path, split_size: int) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as file:
             arrays = {key: file[key] for key in file.files}
-    except (OSError, ValueError, EOFError, KeyError) as error:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         logger.warning("cannot read %s (%s); generating it again", path, error)
         return None
     for split in SPLITS:
@@ -102,7 +103,7 @@ class Hulls(TensorSplits):
     Args:
         root: data directory (default `$DATAROOT`, else `./datasets`).
         num_samples: training samples, the first ones of the training split; the paper uses
-            256, 1024, 4096, 16384, 65536.
+            256, 1024, 4096, 16384, 65536; None takes the whole training split.
         split_size: samples generated per split.
         data_seed: seed of the generated data (independent of the run seed).
         batch_size: training batch size.
@@ -115,7 +116,7 @@ class Hulls(TensorSplits):
     def __init__(
         self,
         root: str | None = None,
-        num_samples: int = 65536,
+        num_samples: int | None = None,
         split_size: int = 65536,
         data_seed: int = 0,
         batch_size: int = 128,
@@ -125,6 +126,7 @@ class Hulls(TensorSplits):
         seed: int = 0,
     ):
         super().__init__(batch_size, eval_batch_size, seed)
+        num_samples = split_size if num_samples is None else num_samples
         if not 1 <= num_samples <= split_size:
             raise DataError(
                 f"dataset.num_samples must be between 1 and dataset.split_size={split_size}, "
