@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Options of the trainer that do not change the numbers a run produces.
-RESULT_NEUTRAL = {"device", "test_only", "checkpoint", "resume", "progress_bar", "runs_dir"}
+RESULT_NEUTRAL = {
+    "device", "test_only", "checkpoint", "resume", "progress_bar", "runs_dir", "log_every",
+}
 
 
 class TrainingError(Exception):

@@ -1,0 +1,164 @@
+"""The trainer on short O(5) runs: learning, resuming, stopping on bad input, checkpoint errors."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from data.o5_regression import O5Regression
+from engineer.checkpoint import CheckpointError
+from engineer.config import ConfigError, parse
+from engineer.experiments import EXPERIMENTS
+from engineer.runner import main, run
+from engineer.trainer import TrainingError
+from models.deepspheres import DEH_skeletons
+
+O5 = EXPERIMENTS["o5_regression"]
+
+
+def o5_arguments(tmp_path, *argv):
+    return [f"--trainer.runs_dir={tmp_path / 'runs'}", "--trainer.progress_bar=False",
+            "--dataset.num_samples=256", "--trainer.log_every=10", *argv]
+
+
+def run_o5(tmp_path, *argv):
+    return run(O5, parse(o5_arguments(tmp_path, *argv), O5.configs, O5.seed))
+
+
+def leftovers(directory):
+    """Temporary files a writer left behind."""
+    return [name for _, _, names in os.walk(directory) for name in names if "tmp" in name]
+
+
+def break_training_at(monkeypatch, call, replacement):
+    """Make the `call`-th training batch of the O(5) data misbehave via `replacement(batch)`."""
+    original = O5Regression.train_batch
+    calls = {"count": 0}
+
+    def train_batch(self):
+        calls["count"] += 1
+        batch = original(self)
+        return replacement(batch) if calls["count"] == call else batch
+
+    monkeypatch.setattr(O5Regression, "train_batch", train_batch)
+
+
+def test_a_short_run_learns_and_writes_its_run_directory(tmp_path):
+    results = run_o5(tmp_path, "--dataset.num_samples=1000", "--trainer.max_steps=600",
+                     "--trainer.val_check_interval=200")
+    variance = O5Regression(num_samples=1000, seed=42).splits["test"][1].var().item()
+    assert results["best"]["test"]["loss"] < 0.1 * variance
+    run_dir = tmp_path / "runs" / "o5_regression" / (
+        "max_steps=600,num_samples=1000,val_check_interval=200-seed42")
+    assert results["run_dir"] == str(run_dir)
+    assert sorted(os.listdir(run_dir)) == ["best.pt", "last.pt", "metrics.jsonl", "results.json"]
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["status"] == "finished" and saved["steps"] == 600
+    assert saved["parameters"] > 0 and saved["wall_time_s"] > 0
+    assert saved["best"] == results["best"] and saved["config"]["seed"] == 42
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/loss" in r] == [200, 400, 600]
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
+    assert checkpoint["data"]["target_std"] == pytest.approx(6.1, abs=0.2)
+    assert checkpoint["step"] == results["best"]["step"]
+
+
+def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    arguments = ["--trainer.max_steps=60", "--trainer.val_check_interval=20"]
+    whole = run_o5(tmp_path / "whole", *arguments)
+
+    def interrupt(batch):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        break_training_at(patch, 47, interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_o5(tmp_path / "parts", *arguments)
+    [run_dir] = (tmp_path / "parts" / "runs" / "o5_regression").iterdir()
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted at step 46"
+    resumed = run_o5(tmp_path / "parts", *arguments, f"--trainer.resume={run_dir / 'last.pt'}")
+
+    assert resumed["best"] == whole["best"] and resumed["steps"] == 60
+    whole_dir = tmp_path / "whole" / "runs" / "o5_regression" / run_dir.name
+    assert (run_dir / "metrics.jsonl").read_text() == (whole_dir / "metrics.jsonl").read_text()
+    for name, tensor in torch.load(whole_dir / "last.pt", weights_only=True)["model"].items():
+        torch.testing.assert_close(
+            torch.load(run_dir / "last.pt", weights_only=True)["model"][name], tensor,
+            rtol=0, atol=0)
+
+
+def test_resume_refuses_other_options(tmp_path):
+    run_o5(tmp_path, "--trainer.max_steps=20", "--trainer.val_check_interval=10")
+    [run_dir] = (tmp_path / "runs" / "o5_regression").iterdir()
+    with pytest.raises(ConfigError, match=r"cannot resume .* optimizer\.lr: 0\.001 in the "
+                       r"checkpoint, 0\.01 now"):
+        run_o5(tmp_path, "--trainer.max_steps=40", "--optimizer.lr=0.01",
+               f"--trainer.resume={run_dir / 'last.pt'}")
+
+
+def test_non_finite_input_batch_stops_and_keeps_the_best_checkpoint(tmp_path, monkeypatch):
+    break_training_at(monkeypatch, 25, lambda batch: (batch[0] * float("nan"), batch[1]))
+    with pytest.raises(TrainingError) as error:
+        run_o5(tmp_path, "--trainer.max_steps=40", "--trainer.val_check_interval=10")
+    [run_dir] = (tmp_path / "runs" / "o5_regression").iterdir()
+    assert str(error.value) == (
+        "non-finite loss at step 25: the input batch contains NaN or infinite values; training "
+        f"stopped, the best checkpoint so far is kept in {run_dir}")
+    assert torch.load(run_dir / "best.pt", weights_only=True)["step"] == 20
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "stopped at step 25: non-finite loss"
+    assert results["best"]["step"] == 20
+    assert leftovers(tmp_path) == []
+
+
+def evaluate(tmp_path, checkpoint, caplog):
+    status = main("o5_regression", o5_arguments(
+        tmp_path, "--trainer.test_only=True", f"--trainer.checkpoint={checkpoint}"))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    return status, errors
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, caplog):
+    path = tmp_path / "skeletons.pt"
+    torch.save({"model": DEH_skeletons().state_dict(), "step": 0}, path)
+    status, errors = evaluate(tmp_path, path, caplog)
+    assert status == 2 and len(errors) == 1
+    assert errors[0].startswith(f"checkpoint {path} does not fit this DeepSpheres (is it from "
+                                "another model or configuration?)")
+    assert "\n" not in errors[0] and not (tmp_path / "runs").exists()
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, caplog):
+    run_o5(tmp_path, "--trainer.max_steps=10", "--trainer.val_check_interval=10")
+    [run_dir] = (tmp_path / "runs" / "o5_regression").iterdir()
+    truncated = tmp_path / "truncated.pt"
+    content = (run_dir / "best.pt").read_bytes()
+    truncated.write_bytes(content[: len(content) // 2])
+    status, errors = evaluate(tmp_path, truncated, caplog)
+    assert status == 2 and len(errors) == 1
+    assert errors[0].startswith(f"cannot read checkpoint {truncated}: truncated or not a torch "
+                                "checkpoint")
+    assert leftovers(tmp_path) == []
+
+
+class CallsOnLoad:
+    """Unpickling this calls a function (a harmless one here)."""
+
+    def __reduce__(self):
+        return print, ("this would have run",)
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": {}, "payload": CallsOnLoad()}, path)
+    with pytest.raises(CheckpointError, match=f"refusing to load {path}"):
+        run_o5(tmp_path, "--trainer.test_only=True", f"--trainer.checkpoint={path}")
+
+
+def test_our_checkpoint_evaluates_to_its_recorded_numbers(tmp_path, caplog):
+    results = run_o5(tmp_path, "--trainer.max_steps=30", "--trainer.val_check_interval=10")
+    best = os.path.join(results["run_dir"], "best.pt")
+    evaluation = run_o5(tmp_path, "--trainer.test_only=True", f"--trainer.checkpoint={best}")
+    assert evaluation["test"]["loss"] == pytest.approx(results["best"]["test"]["loss"], rel=1e-6)
