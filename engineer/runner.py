@@ -10,6 +10,7 @@ import logging
 import sys
 from typing import Any
 
+import torch
 from torch import nn
 
 from data.common import DataError, TensorSplits
@@ -21,6 +22,12 @@ from loggers.console import setup_console_logging
 from loggers.run_directory import run_name
 
 logger = logging.getLogger(__name__)
+
+# Options that change where or how fast a run goes, not its numbers: kept out of run names.
+NEUTRAL = {
+    "trainer": RESULT_NEUTRAL,
+    "dataset": {"root", "eval_batch_size", "workers", "progress_bar"},
+}
 
 
 def build(config: Config, group: str, **supplied: Any) -> Any:
@@ -36,7 +43,7 @@ def changed_options(config: Config, defaults: Config) -> dict[str, Any]:
     changed = {}
     for group in config.groups:
         for key in sorted(set(config.groups[group]) | set(defaults.groups[group])):
-            if group == "trainer" and key in RESULT_NEUTRAL:
+            if key in NEUTRAL.get(group, ()):
                 continue
             value, default = config.value(group, key), defaults.value(group, key)
             if json.dumps(value, default=str) != json.dumps(default, default=str):
@@ -51,6 +58,8 @@ def run(experiment: Experiment, config: Config) -> dict[str, Any]:
     trainer: Trainer = build(config, "trainer")
     if not isinstance(trainer, Trainer):
         raise ConfigError(f"trainer.module={config.groups['trainer']['module']} is no Trainer")
+    if trainer.num_threads is not None:
+        torch.set_num_threads(trainer.num_threads)
     seed_everything(config.seed)
 
     data = build(config, "dataset", seed=config.seed)

@@ -34,6 +34,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Options of the trainer that do not change the numbers a run produces.
 RESULT_NEUTRAL = {
     "device", "test_only", "checkpoint", "resume", "progress_bar", "runs_dir", "log_every",
+    "num_threads",
 }
 
 
@@ -89,6 +90,9 @@ class Trainer:
         progress_bar: show a progress bar.
         runs_dir: base directory of the run directories.
         log_every: steps between training-loss records in `metrics.jsonl`.
+        num_threads: CPU threads of this process (torch.set_num_threads); None keeps torch's
+            choice. The networks are small, so one thread is usually fastest, and much faster
+            when other processes share the cores.
     """
 
     def __init__(
@@ -103,11 +107,12 @@ class Trainer:
         progress_bar: bool = True,
         runs_dir: str = "runs",
         log_every: int = 100,
+        num_threads: int | None = None,
     ):
         if dtype not in DTYPES:
             raise ConfigError(f"trainer.dtype={dtype!r}; accepted: {', '.join(DTYPES)}")
         for name, value in (("max_steps", max_steps), ("val_check_interval", val_check_interval),
-                            ("log_every", log_every)):
+                            ("log_every", log_every), ("num_threads", num_threads)):
             if value is not None and value < 1:
                 raise ConfigError(f"trainer.{name}={value} must be a positive integer")
         if test_only and not checkpoint:
@@ -131,6 +136,7 @@ class Trainer:
         self.progress_bar = progress_bar
         self.runs_dir = runs_dir
         self.log_every = log_every
+        self.num_threads = num_threads
 
     # -----------------------------------------------------------------------------------------
     # Evaluation
