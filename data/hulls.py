@@ -153,7 +153,9 @@ class Hulls(TensorSplits):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Generate the convex hull volume data.")
-    parser.add_argument("--root", default=None, help="data directory (default $DATAROOT or ./datasets)")
+    parser.add_argument(
+        "--root", default=None, help="data directory (default $DATAROOT, else ./datasets)"
+    )
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--split_size", type=int, default=65536)
     parser.add_argument("--workers", type=int, default=None)

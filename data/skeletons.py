@@ -72,9 +72,11 @@ class Skeletons(TensorSplits):
         expected = [f"{axis}{name}.npy" for name in partitions.values() for axis in "XY"]
         missing = [name for name in expected if not (directory / name).is_file()]
         if missing:
+            what = "no skeleton files" if len(missing) == len(expected) else (
+                f"missing {', '.join(missing)}")
             raise DataError(
-                f"missing {', '.join(missing)} in {directory.resolve()} (expected "
-                f"{', '.join(expected)}); these files are {SOURCE}"
+                f"{what} in {directory.resolve()} (expected {', '.join(expected)}); "
+                f"these files are {SOURCE}"
             )
         transforms = torch.Generator().manual_seed(transform_seed)
         for split, name in partitions.items():

@@ -122,7 +122,8 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: config file {tmp_path / 'missing.yaml'} does not exist"
+    missing = tmp_path / "missing.yaml"
+    assert result.stderr.strip() == f"error: config file {missing} does not exist"
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
 
