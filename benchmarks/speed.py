@@ -1,0 +1,221 @@
+"""Speed of the model against the naive reference, printed as Markdown tables.
+
+Table 1, per preset at the paper's batch size and per number of threads: the median time of a
+training step (forward, backward, Adam step) after a warm-up, inference throughput (forward
+without gradients), and the peak resident memory a training step adds, for the model and for
+``tests/naive_reference.py`` (a batched stand-in for the published code that computes what it
+computes, the way it computes it). Each configuration runs in a fresh subprocess, so that the
+thread setting and ``ru_maxrss`` (the peak resident set size, a high-water mark) belong to it
+alone; memory is that peak after the timed steps minus the one before the first step.
+
+Table 2: one layer of spheres over the space dimension ``n`` and the number of spheres ``K``
+(4 input channels, ``K / 4`` spheres each, 32 samples of 16 points): time to build the filter
+banks, and a forward and backward pass, for both implementations. The naive one is skipped
+where its dense matrices would not fit in a few hundred megabytes.
+
+Usage: ``python -m benchmarks.speed [--quick] [--threads 1 2] [--steps 200]``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from models.deepspheres import DEH_hulls, DEH_o5reg, DEH_skeletons  # noqa: E402
+from models.hyperspheres import EquivariantHyperspheres  # noqa: E402
+from tests import naive_reference as naive  # noqa: E402
+
+PRESETS = {"O(5) regression": (DEH_o5reg, 32), "O(5) hulls": (DEH_hulls, 128),
+           "O(3) skeletons": (DEH_skeletons, 32)}
+IMPLEMENTATIONS = ("model", "naive")
+SCALING_DIMS = (3, 5, 8, 16, 32, 64)
+SCALING_SPHERES = (8, 64, 512)
+SCALING_CHANNELS = 4
+# Largest dense (K, n + 1, n + 2, n + 2) float64 tensor the naive filter banks may build.
+NAIVE_MAX_BYTES = 300e6
+# Run every measurement in its own subprocess (see run_child).
+ISOLATED = True
+
+
+def median_time(function, steps: int, warmup: int) -> float:
+    """Median wall time of ``function()`` in seconds over ``steps`` calls after ``warmup``."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_preset(preset: str, implementation: str, threads: int, steps: int,
+                   warmup: int) -> dict:
+    """Training-step time, inference throughput and training memory of one configuration."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    build, batch = PRESETS[preset]
+    model = build()
+    forward = model if implementation == "model" else (lambda x: naive.naive_forward(model, x))
+    points = torch.randn(batch, model.num_points, model.space_dim)
+    targets = torch.randn(batch, model.linear2.out_features)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step():
+        optimizer.zero_grad()
+        loss = (forward(points) - targets).square().mean()
+        loss.backward()
+        optimizer.step()
+
+    before = peak_rss_mib()
+    step_time = median_time(train_step, steps, warmup)
+    memory = peak_rss_mib() - before
+    with torch.no_grad():
+        inference_time = median_time(lambda: forward(points), steps, warmup)
+    return {"step_ms": step_time * 1e3, "samples_per_s": batch / inference_time,
+            "memory_mib": memory}
+
+
+def measure_scaling(n: int, num_spheres: int, implementation: str, steps: int,
+                    warmup: int) -> dict:
+    """Filter-bank time and layer forward-and-backward time of one layer, one thread."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layer = EquivariantHyperspheres(n, SCALING_CHANNELS, num_spheres // SCALING_CHANNELS)
+    points = torch.randn(32, 16, SCALING_CHANNELS, n)
+    if implementation == "model":
+        banks, forward = layer.filter_bank, layer
+    else:
+        def banks():
+            return naive.dense_filter_banks(layer.spheres())
+
+        def forward(x):
+            return naive.all_channels_layer(x, banks(), layer.width)
+
+    def train_step():
+        layer.zero_grad()
+        forward(points).square().sum().backward()
+
+    with torch.no_grad():
+        bank_time = median_time(banks, steps, warmup)
+    return {"bank_ms": bank_time * 1e3, "layer_ms": median_time(train_step, steps, warmup) * 1e3}
+
+
+def run_child(task: dict) -> dict:
+    """Run one measurement in a fresh interpreter and return its result.
+
+    With ``ISOLATED`` off (the quick smoke run) it runs in this process instead: faster to
+    start, but memory and thread settings then carry over between measurements.
+    """
+    if not ISOLATED:
+        task = dict(task)
+        kind = task.pop("kind")
+        return measure_preset(**task) if kind == "preset" else measure_scaling(**task)
+    command = [sys.executable, "-m", "benchmarks.speed", "--child", json.dumps(task)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def preset_table(threads: list[int], steps: int, warmup: int) -> str:
+    lines = ["| preset | batch | threads | model step (ms) | naive step (ms) | step speed-up "
+             "| model inference (samples/s) | naive inference (samples/s) "
+             "| model memory (MiB) | naive memory (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for preset, (_, batch) in PRESETS.items():
+        for count in threads:
+            results = {implementation: run_child(dict(
+                kind="preset", preset=preset, implementation=implementation, threads=count,
+                steps=steps, warmup=warmup)) for implementation in IMPLEMENTATIONS}
+            fast, slow = results["model"], results["naive"]
+            lines.append(
+                f"| {preset} | {batch} | {count} | {fast['step_ms']:.2f} | "
+                f"{slow['step_ms']:.2f} | {slow['step_ms'] / fast['step_ms']:.1f}x | "
+                f"{fast['samples_per_s']:,.0f} | {slow['samples_per_s']:,.0f} | "
+                f"{fast['memory_mib']:.1f} | {slow['memory_mib']:.1f} |")
+    return "\n".join(lines)
+
+
+def scaling_table(dims, spheres, steps: int, warmup: int) -> str:
+    lines = ["| n | spheres K | model banks (ms) | naive banks (ms) | model layer fwd+bwd (ms) "
+             "| naive layer fwd+bwd (ms) | layer speed-up |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n in dims:
+        for num_spheres in spheres:
+            fast = run_child(dict(kind="scaling", n=n, num_spheres=num_spheres,
+                                  implementation="model", steps=steps, warmup=warmup))
+            dense_bytes = num_spheres * (n + 1) * (n + 2) ** 2 * 8
+            if dense_bytes <= NAIVE_MAX_BYTES:
+                slow = run_child(dict(kind="scaling", n=n, num_spheres=num_spheres,
+                                      implementation="naive", steps=steps, warmup=warmup))
+                naive_bank, naive_layer = f"{slow['bank_ms']:.3f}", f"{slow['layer_ms']:.2f}"
+                ratio = f"{slow['layer_ms'] / fast['layer_ms']:.1f}x"
+            else:
+                naive_bank = naive_layer = ratio = "skipped"
+            lines.append(f"| {n} | {num_spheres} | {fast['bank_ms']:.3f} | {naive_bank} | "
+                         f"{fast['layer_ms']:.2f} | {naive_layer} | {ratio} |")
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} logical cores, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, load average {load} "
+            "(1, 5, 15 min) at the start")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in this process: few steps, the smallest scaling "
+                        "sizes; memory figures are then not isolated")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="intra-op thread counts of table 1")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        task = json.loads(args.child)
+        kind = task.pop("kind")
+        result = measure_preset(**task) if kind == "preset" else measure_scaling(**task)
+        print(json.dumps(result))
+        return
+
+    global ISOLATED
+    ISOLATED = not args.quick
+    steps, warmup = (3, 1) if args.quick else (args.steps, max(10, args.steps // 10))
+    dims, spheres = ((3, 5), (8,)) if args.quick else (SCALING_DIMS, SCALING_SPHERES)
+    print(f"Machine: {machine_description()}.\n")
+    print(f"Training step and inference, median of {steps} after {warmup} warm-up steps:\n")
+    print(preset_table(args.threads, steps, warmup))
+    print(f"\nOne layer, {SCALING_CHANNELS} input channels, batch 32 of 16 points, one thread "
+          f"(median of {steps}):\n")
+    print(scaling_table(dims, spheres, steps, warmup))
+
+
+if __name__ == "__main__":
+    main()
