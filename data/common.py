@@ -120,7 +120,8 @@ def ordered_batches(
 class TensorSplits:
     """Base of the datasets: three splits of `(inputs, targets)` tensors and their batching.
 
-    Subclasses fill `self.splits[name] = (inputs, targets)` for `name` in train, val, test and
+    Subclasses fill `self.splits[name] = (inputs, targets)` for `name` in train, val, test
+    (floating point data in float64; the trainer casts each batch to its dtype), and
     may override `decode` (network outputs to target units) and `checkpoint_state` (what an
     evaluation of a checkpoint needs to know about the data).
 

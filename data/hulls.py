@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 NUM_POINTS = 16
 SPACE_DIM = 5
-CHUNK = 2048
+CHUNK = 1024
 
 
 def hull_volumes(points: np.ndarray) -> np.ndarray:
@@ -146,8 +146,8 @@ class Hulls(TensorSplits):
             if split == "train":
                 points, volumes = points[:num_samples], volumes[:num_samples]
             self.splits[split] = (
-                torch.from_numpy(points).float(),  # (samples, 16, 5)
-                torch.from_numpy(volumes).float()[:, None],  # (samples, 1)
+                torch.from_numpy(points),  # (samples, 16, 5)
+                torch.from_numpy(volumes)[:, None],  # (samples, 1)
             )
 
 

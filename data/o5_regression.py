@@ -86,8 +86,8 @@ class O5Regression(TensorSplits):
         for split in points:
             inputs = points[split] / self.input_scale[:, None]
             self.splits[split] = (
-                torch.from_numpy(inputs).float(),  # (samples, 2, 5)
-                torch.from_numpy(targets[split]).float()[:, None],  # (samples, 1)
+                torch.from_numpy(inputs),  # (samples, 2, 5)
+                torch.from_numpy(targets[split])[:, None],  # (samples, 1)
             )
         logger.info(
             "O(5) regression: %d training samples, seed %d, target mean %.4f std %.4f",

@@ -93,7 +93,7 @@ class Skeletons(TensorSplits):
             if split != "train":
                 matrices = random_orthogonal(len(inputs), 3, transforms, determinant=-1)
                 inputs = torch.einsum("sij,spj->spi", matrices, inputs)
-            self.splits[split] = (inputs.float(), torch.from_numpy(labels).long())
+            self.splits[split] = (inputs, torch.from_numpy(labels).long())
         logger.info(
             "skeletons: %d training, %d validation, %d test samples from %s",
             *(self.num_samples(split) for split in ("train", "val", "test")), directory,

@@ -8,7 +8,7 @@ import pytest
 
 from engineer.config import parse
 from engineer.experiments import EXPERIMENTS
-from engineer.runner import run
+from engineer.runner import main, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,3 +82,13 @@ def test_hull_training_runs(tmp_path):
         "--dataset.num_samples=256", "--dataset.progress_bar=False", "--dataset.workers=1",
         "--trainer.max_steps=20", "--trainer.val_check_interval=10")
     assert results["status"] == "finished" and results["best"] is not None
+
+
+def test_missing_data_stops_before_anything_is_written(tmp_path, caplog):
+    status = main("skeletons", [f"--dataset.root={tmp_path / 'nowhere'}",
+                                f"--trainer.runs_dir={tmp_path / 'runs'}"])
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert status == 2 and len(errors) == 1
+    assert errors[0].startswith(f"no skeleton files in {tmp_path / 'nowhere'}")
+    assert "UTKinect-Action3D" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
