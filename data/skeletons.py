@@ -115,4 +115,4 @@ class Skeletons(TensorSplits):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())

@@ -68,8 +68,11 @@ class RunDirectory:
         return cls(path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Keep one record; it reaches the disk at the next `flush`."""
-        self.records.append({"step": step, **metrics})
+        """Record metrics of a step (one record per step); they reach the disk at `flush`."""
+        if self.records and self.records[-1]["step"] == step:
+            self.records[-1].update(metrics)
+        else:
+            self.records.append({"step": step, **metrics})
 
     def flush(self) -> None:
         write_jsonl_atomic(self.path / "metrics.jsonl", self.records)

@@ -60,6 +60,8 @@ def test_a_short_run_learns_and_writes_its_run_directory(tmp_path):
     assert saved["best"] == results["best"] and saved["config"]["seed"] == 42
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val/loss" in r] == [200, 400, 600]
+    assert [r["step"] for r in records] == list(range(10, 601, 10))  # one record per step
+    assert {"train/loss", "val/loss", "test/loss"} <= set(records[19])
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     assert checkpoint["data"]["target_std"] == pytest.approx(6.1, abs=0.2)
     assert checkpoint["step"] == results["best"]["step"]
