@@ -185,6 +185,22 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     # Training
 
+    def _train_step(
+        self, experiment: Experiment, model: nn.Module, data: TensorSplits,
+        optimizer: torch.optim.Optimizer, step: int, run_path: Path,
+    ) -> float:
+        """One optimizer step on the next training batch; returns the batch's loss."""
+        inputs, targets = self._move(*data.train_batch())
+        scores = experiment.score(data.decode(model(inputs)), targets)
+        loss = scores["loss"].mean()
+        loss_value = loss.item()
+        if not np.isfinite(loss_value):
+            raise TrainingError(_non_finite_message(step, inputs, run_path))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss_value
+
     def fit(
         self,
         experiment: Experiment,
@@ -257,15 +273,8 @@ class Trainer:
         try:
             with logging_redirect_tqdm(), bar:
                 while step < max_steps:
-                    inputs, targets = self._move(*data.train_batch())
-                    scores = experiment.score(data.decode(model(inputs)), targets)
-                    loss = scores["loss"].mean()
-                    loss_value = loss.item()
-                    if not np.isfinite(loss_value):
-                        raise TrainingError(_non_finite_message(step + 1, inputs, run.path))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    loss_value = self._train_step(experiment, model, data, optimizer, step + 1,
+                                                  run.path)
                     step += 1
                     bar.update(1)
                     interval_loss[0] += loss_value
@@ -276,17 +285,17 @@ class Trainer:
                         bar.set_postfix(loss=f"{interval_loss[0] / interval_loss[1]:.4g}")
                         interval_loss = [0.0, 0]
 
+                    # Validate; on improvement, test and keep the checkpoint as the best.
                     if step % interval == 0 or step == max_steps:
                         val = self.evaluate_split(model, data, experiment, "val")
-                        record = {f"val/{name}": value for name, value in val.items()}
+                        run.log(step, {f"val/{name}": value for name, value in val.items()})
                         message = f"step {step}: val {_format(val)}"
                         if experiment.improves(val[best_name], best and best["val"][best_name]):
                             test = self.evaluate_split(model, data, experiment, "test")
                             best = {"step": step, "val": val, "test": test}
-                            record.update({f"test/{name}": value for name, value in test.items()})
+                            run.log(step, {f"test/{name}": value for name, value in test.items()})
                             message += f" (best) test {_format(test)}"
                             run.save_checkpoint("best.pt", checkpoint_state())
-                        run.log(step, record)
                         run.save_checkpoint("last.pt", checkpoint_state())
                         run.flush()
                         logger.info(message)
