@@ -107,7 +107,28 @@ def resolve(name: Any, group: str) -> Callable:
         raise ConfigError(
             f"{group}.module={name}: {module_name} defines no class or function {attribute}"
         )
+    _check_kind(target, group, name)
     return target
+
+
+def _check_kind(target: Callable, group: str, name: str) -> None:
+    """Refuse a class that does not build what the group needs, before anything calls it.
+
+    Functions are accepted only as model factories defined in `models`.
+    """
+    import torch
+    from torch import nn
+
+    from data.common import TensorSplits
+    from engineer.trainer import Trainer
+
+    kind = {"trainer": Trainer, "dataset": TensorSplits, "optimizer": torch.optim.Optimizer,
+            "model": nn.Module}[group]
+    if inspect.isclass(target) and issubclass(target, kind):
+        return
+    if group == "model" and inspect.isfunction(target) and target.__module__.startswith("models."):
+        return
+    raise ConfigError(f"{group}.module={name} does not build a {kind.__module__}.{kind.__name__}")
 
 
 def signature_of(target: Callable, group: str) -> dict[str, inspect.Parameter]:

@@ -30,12 +30,21 @@ NEUTRAL = {
 }
 
 
+# What each group must build.
+KINDS = {"trainer": Trainer, "dataset": TensorSplits, "optimizer": torch.optim.Optimizer,
+         "model": nn.Module}
+
+
 def build(config: Config, group: str, **supplied: Any) -> Any:
     """Call a group's constructor; argument errors it raises become configuration errors."""
+    name = config.groups[group]["module"]
     try:
-        return config.build(group, **supplied)
+        built = config.build(group, **supplied)
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"{group} ({config.groups[group]['module']}): {error}") from None
+        raise ConfigError(f"{group} ({name}): {error}") from None
+    if not isinstance(built, KINDS[group]):
+        raise ConfigError(f"{group}.module={name} returned a {type(built).__name__}")
+    return built
 
 
 def changed_options(config: Config, defaults: Config) -> dict[str, Any]:
@@ -56,18 +65,12 @@ def changed_options(config: Config, defaults: Config) -> dict[str, Any]:
 def run(experiment: Experiment, config: Config) -> dict[str, Any]:
     """Build the parts a configuration names and train, or evaluate a checkpoint."""
     trainer: Trainer = build(config, "trainer")
-    if not isinstance(trainer, Trainer):
-        raise ConfigError(f"trainer.module={config.groups['trainer']['module']} is no Trainer")
     if trainer.num_threads is not None:
         torch.set_num_threads(trainer.num_threads)
     seed_everything(config.seed)
 
     data = build(config, "dataset", seed=config.seed)
-    if not isinstance(data, TensorSplits):
-        raise ConfigError(f"dataset.module={config.groups['dataset']['module']} is no dataset")
     model = build(config, "model")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.module={config.groups['model']['module']} is no nn.Module")
     model.to(trainer.device)
     if any(p.dtype != trainer.dtype for p in model.parameters()):
         model.to(trainer.dtype)

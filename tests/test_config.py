@@ -90,6 +90,17 @@ def test_modules_outside_the_project_are_refused(name):
         resolve(name, "model")
 
 
+@pytest.mark.parametrize("group,name", [
+    ("model", "engineer.runner.main"), ("dataset", "data.hulls.main"),
+    ("optimizer", "models.deepspheres.DeepSpheres"), ("trainer", "data.hulls.Hulls"),
+])
+def test_a_group_builds_only_its_kind(tmp_path, caplog, group, name):
+    status = main("o5_regression", [f"--{group}.module={name}",
+                                    f"--trainer.runs_dir={tmp_path / 'runs'}"])
+    assert status == 2
+    assert f"{group}.module={name} does not build a" in caplog.text
+
+
 def test_modules_inside_the_project_and_torch_optim_resolve():
     assert resolve("torch.optim.AdamW", "optimizer") is torch.optim.AdamW
     assert resolve("models.deepspheres.DeepSpheres", "model").__name__ == "DeepSpheres"
