@@ -74,7 +74,19 @@ class Config:
         return self.target(group)(**self.options(group), **supplied)
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as set, with `seed`."""
         return {"seed": self.seed, **copy.deepcopy(self.groups)}
+
+    def resolved(self) -> dict[str, Any]:
+        """Every option of every group, defaults filled in, with `seed`."""
+        groups = {
+            group: {"module": self.groups[group]["module"]} | {
+                key: copy.deepcopy(self.value(group, key))
+                for key in signature_of(self.target(group), group)
+            }
+            for group in self.groups
+        }
+        return {"seed": self.seed, **groups}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,18 +17,11 @@ from data.common import DataError, TensorSplits
 from engineer.checkpoint import CheckpointError
 from engineer.config import Config, ConfigError, HelpRequested, parse
 from engineer.experiments import EXPERIMENTS, Experiment
-from engineer.trainer import RESULT_NEUTRAL, Trainer, TrainingError, seed_everything
+from engineer.trainer import NEUTRAL_OPTIONS, Trainer, TrainingError, seed_everything
 from loggers.console import setup_console_logging
 from loggers.run_directory import run_name
 
 logger = logging.getLogger(__name__)
-
-# Options that change where or how fast a run goes, not its numbers: kept out of run names.
-NEUTRAL = {
-    "trainer": RESULT_NEUTRAL,
-    "dataset": {"root", "eval_batch_size", "workers", "progress_bar"},
-}
-
 
 # What each group must build.
 KINDS = {"trainer": Trainer, "dataset": TensorSplits, "optimizer": torch.optim.Optimizer,
@@ -52,7 +45,7 @@ def changed_options(config: Config, defaults: Config) -> dict[str, Any]:
     changed = {}
     for group in config.groups:
         for key in sorted(set(config.groups[group]) | set(defaults.groups[group])):
-            if key in NEUTRAL.get(group, ()):
+            if key in NEUTRAL_OPTIONS.get(group, ()):
                 continue
             value, default = config.value(group, key), defaults.value(group, key)
             if json.dumps(value, default=str) != json.dumps(default, default=str):

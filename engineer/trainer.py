@@ -31,10 +31,11 @@ from loggers.run_directory import RunDirectory
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Options of the trainer that do not change the numbers a run produces.
-RESULT_NEUTRAL = {
-    "device", "test_only", "checkpoint", "resume", "progress_bar", "runs_dir", "log_every",
-    "num_threads",
+# Options that change where or how fast a run goes, not its numbers.
+NEUTRAL_OPTIONS = {
+    "trainer": {"device", "test_only", "checkpoint", "resume", "progress_bar", "runs_dir",
+                "log_every", "num_threads"},
+    "dataset": {"root", "eval_batch_size", "workers", "progress_bar"},
 }
 
 
@@ -242,7 +243,7 @@ class Trainer:
 
         def summary(status: str) -> dict[str, Any]:
             results = {
-                "experiment": experiment.name, "status": status, "config": config.to_dict(),
+                "experiment": experiment.name, "status": status, "config": config.resolved(),
                 "seed": config.seed, "steps": step, "max_steps": max_steps,
                 "wall_time_s": round(elapsed + time.perf_counter() - started, 3),
                 "parameters": parameters, "train_samples": num_samples,
@@ -257,7 +258,7 @@ class Trainer:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "metrics": {f"val/{best_name}": best["val"][best_name]} if best else {},
                 "epoch": data.train_stream.epoch, "step": step, "best": best,
-                "experiment": experiment.name, "config": config.to_dict(), "seed": config.seed,
+                "experiment": experiment.name, "config": config.resolved(), "seed": config.seed,
                 "data": data.checkpoint_state(),
                 "train": {
                     "data": data.state_dict(), "random": random_states(),
@@ -335,13 +336,14 @@ def _non_finite_message(step: int, inputs: torch.Tensor, run_path: Path) -> str:
 
 
 def _check_same_run(stored: dict, config: Config, path: str) -> None:
-    """Refuse to resume a checkpoint made with other data, model or optimizer options."""
-    current = config.to_dict()
+    """Refuse to resume a checkpoint made with options that change the numbers of a run."""
+    current = config.resolved()
     differences = []
-    for group in ("dataset", "model", "optimizer"):
+    for group in ("trainer", "optimizer", "dataset", "model"):
+        neutral = NEUTRAL_OPTIONS.get(group, set()) | {"max_steps"}  # may train on longer
         for key in sorted(set(stored.get(group, {})) | set(current[group])):
             old, new = stored.get(group, {}).get(key), current[group].get(key)
-            if json.dumps(old, default=str) != json.dumps(new, default=str):
+            if key not in neutral and json.dumps(old, default=str) != json.dumps(new, default=str):
                 differences.append(f"{group}.{key}: {old!r} in the checkpoint, {new!r} now")
     if stored.get("seed") != current["seed"]:
         differences.append(f"seed: {stored.get('seed')} in the checkpoint, {current['seed']} now")
