@@ -19,7 +19,7 @@ from engineer.config import Config, ConfigError, HelpRequested, parse
 from engineer.experiments import EXPERIMENTS, Experiment
 from engineer.trainer import NEUTRAL_OPTIONS, Trainer, TrainingError, seed_everything
 from loggers.console import setup_console_logging
-from loggers.run_directory import run_name
+from loggers.run_directory import RunDirectoryError, run_name
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def main(experiment_name: str, argv: list[str] | None = None) -> int:
     except HelpRequested as help_text:
         sys.stdout.write(f"{experiment.name}: {str(help_text)}\n")
         return 0
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, RunDirectoryError) as error:
         logger.error("%s", error)
         return 2
     except TrainingError as error:

@@ -33,6 +33,10 @@ def run_name(changed: dict[str, Any], seed: int) -> str:
     return f"{options}-seed{seed}"
 
 
+class RunDirectoryError(Exception):
+    """The run directory cannot be created or written."""
+
+
 class RunDirectory:
     """Files of one run.
 
@@ -48,9 +52,11 @@ class RunDirectory:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise OSError(f"cannot create the run directory {self.path}: {error}") from None
+            raise RunDirectoryError(
+                f"cannot create the run directory {self.path}: {error.strerror}"
+            ) from None
         if not os.access(self.path, os.W_OK):
-            raise OSError(f"the run directory {self.path} is not writable")
+            raise RunDirectoryError(f"the run directory {self.path} is not writable")
         metrics = self.path / "metrics.jsonl"
         if resume_step is not None and metrics.exists():
             lines = metrics.read_text().splitlines()

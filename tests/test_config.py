@@ -159,3 +159,15 @@ def test_load_model_with_a_released_checkpoint(reference_dir):
         outputs = model(torch.from_numpy(stored["inputs"]).float())
     torch.testing.assert_close(outputs, torch.from_numpy(stored["outputs"]), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_unavailable_device_and_unwritable_run_directory(tmp_path, caplog):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="trainer.device=cuda: CUDA is not available"):
+            o5_config("--trainer.device=cuda").build("trainer")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    status = main("o5_regression", ["--dataset.num_samples=100", "--trainer.progress_bar=False",
+                                    f"--trainer.runs_dir={blocker}"])
+    assert status == 2
+    assert f"cannot create the run directory {blocker / 'o5_regression'}" in caplog.text
