@@ -1,5 +1,6 @@
 """The three experiments end to end: released checkpoints, real data, the command line."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,11 @@ def test_missing_data_stops_before_anything_is_written(tmp_path, caplog):
     assert errors[0].startswith(f"no skeleton files in {tmp_path / 'nowhere'}")
     assert "UTKinect-Action3D" in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text().splitlines()
+    [command] = [line.strip() for line in readme if "pytest" in line and "pip install" in line]
+    script = (REPO / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in script and command in script.splitlines()
+    assert os.access(REPO / ".ci" / "run", os.X_OK)
