@@ -1,0 +1,81 @@
+"""Sweeps: the smoke version of each runs end to end, with its table, CSV and plot."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from engineer import aggregate, sweep
+from tests.conftest import REPO, SKELETONS
+
+
+def run_sweep(name: str, sweeps_dir, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engineer.sweep", f"configs/sweeps/smoke/{name}.yaml",
+         "--sweeps-dir", str(sweeps_dir), *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def check_outputs(name: str, sweeps_dir, out, sizes: list[int], runs_per_size: int):
+    rows = aggregate.aggregate(REPO / f"configs/sweeps/smoke/{name}.yaml", sweeps_dir, out)
+    assert [row["num_samples"] for row in rows] == sizes
+    assert all(row["runs"] == runs_per_size for row in rows)
+    table = (out / f"smoke_{name}.md").read_text()
+    assert table.startswith("| training size |") and len(table.splitlines()) == 2 + len(sizes)
+    with open(out / f"smoke_{name}.csv") as file:
+        assert [int(row["num_samples"]) for row in csv.DictReader(file)] == sizes
+    assert (out / f"smoke_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows, table
+
+
+def test_o5_regression_smoke_sweep_through_submitit_and_resumes(tmp_path):
+    result = run_sweep("o5_regression", tmp_path, "--executor", "submitit-local")
+    assert result.returncode == 0, result.stderr
+    rows, table = check_outputs("o5_regression", tmp_path, tmp_path / "out", [30, 100], 2)
+    assert "met (<= 1000.0)" in table
+    assert all(row["std"] > 0 for row in rows)  # the seeds differ
+
+    # A second call finds every run finished and starts none.
+    again = run_sweep("o5_regression", tmp_path, "--workers", "2")
+    assert again.returncode == 0
+    assert "4 runs, 4 already finished" in again.stderr
+
+
+def test_hulls_smoke_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATAROOT", str(tmp_path / "data"))
+    result = run_sweep("hulls", tmp_path, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    check_outputs("hulls", tmp_path, tmp_path / "out", [64, 256], 1)
+
+
+def test_skeletons_smoke_sweep(tmp_path, monkeypatch):
+    if not SKELETONS.exists():
+        pytest.skip(f"{SKELETONS} is absent: the skeleton data live in ../shared")
+    monkeypatch.setenv("DATAROOT", str(SKELETONS.parent))
+    result = run_sweep("o3_skeletons", tmp_path, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    rows, _ = check_outputs("o3_skeletons", tmp_path, tmp_path / "out", [260, 520], 1)
+    assert all(0 <= row["mean"] <= 1 for row in rows)
+
+
+def test_bad_sweep_files_are_one_line_errors(tmp_path):
+    missing = run_sweep("nonexistent", tmp_path)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: o5_regression\ngird: {seed: [1]}\n")
+    with pytest.raises(sweep.SweepError, match=r"unknown keys \['gird'\]"):
+        sweep.read_sweep(bad)
+    bad.write_text("experiment: mnist\n")
+    with pytest.raises(sweep.SweepError, match="experiment must be one of"):
+        sweep.read_sweep(bad)
+
+
+def test_grid_expands_to_every_combination(tmp_path):
+    spec = sweep.read_sweep(REPO / "configs/sweeps/o5_regression.yaml")
+    runs = sweep.expand(spec, tmp_path)
+    assert len(runs) == 21 and len({run.base for run in runs}) == 21
+    arguments = sweep.command(spec, runs[0])
+    assert arguments[1].endswith("o5_regression.py")
+    assert "--dataset.num_samples=30" in arguments and "--seed=0" in arguments
