@@ -2,24 +2,27 @@
 
 An entry script only names its experiment; `main` parses the command line against that
 experiment's default files, builds everything and trains (or evaluates a checkpoint). Errors a
-user can fix are reported in one line with exit status 2 (1 when training itself fails).
+user can fix are reported in one line with exit status 2 (1 when training itself fails). Under
+`torchrun` every process runs `main`; only the first one logs below the warning level.
 """
 
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from data.common import DataError, TensorSplits
+from engineer import distributed
 from engineer.checkpoint import CheckpointError
 from engineer.config import Config, ConfigError, HelpRequested, parse
 from engineer.experiments import EXPERIMENTS, Experiment
 from engineer.trainer import NEUTRAL_OPTIONS, Trainer, TrainingError, seed_everything
 from loggers.console import setup_console_logging
-from loggers.run_directory import RunDirectoryError, run_name
+from loggers.run_directory import RunDirectoryError, check_writable, run_name
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +63,20 @@ def run(experiment: Experiment, config: Config) -> dict[str, Any]:
     trainer: Trainer = build(config, "trainer")
     if trainer.num_threads is not None:
         torch.set_num_threads(trainer.num_threads)
+
+    # Fail on an unwritable or full disk before spending time on data or training.
+    if not trainer.test_only:
+        check_writable(Path(trainer.resume).parent if trainer.resume
+                       else Path(trainer.runs_dir) / experiment.name)
+
+    trainer.device = distributed.setup(trainer.device)
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)
+        trainer.progress_bar = False
     seed_everything(config.seed)
 
-    data = build(config, "dataset", seed=config.seed)
+    with distributed.main_first():  # a data cache is filled by one process
+        data = build(config, "dataset", seed=config.seed)
     model = build(config, "model")
     model.to(trainer.device)
     if any(p.dtype != trainer.dtype for p in model.parameters()):
@@ -95,4 +109,6 @@ def main(experiment_name: str, argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        distributed.teardown()
     return 0

@@ -6,6 +6,10 @@ improves it saves `best.pt` and evaluates the test split: the reported test numb
 of the best validation. `last.pt` is saved at every validation with everything needed to
 resume (model, optimizer, step, data position and the random states of torch, NumPy and
 Python), so a resumed run ends with the same numbers as an uninterrupted one.
+
+Under `torchrun` the model is wrapped in DistributedDataParallel, each process trains on its
+shard of every batch and evaluates its shard of every split, scores are summed over the
+processes, and only the first process writes the run directory (see `engineer.distributed`).
 """
 
 import json
@@ -19,14 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.common import TensorSplits
+from engineer import distributed
 from engineer.checkpoint import CheckpointError, load_weights, read_checkpoint
 from engineer.config import Config, ConfigError
 from engineer.experiments import Experiment
-from loggers.run_directory import RunDirectory
+from loggers.run_directory import RunDirectory, RunDirectoryError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,25 @@ NEUTRAL_OPTIONS = {
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. a non-finite loss); the message says why and what is kept."""
+
+
+class _NoFiles:
+    """Stands in for the run directory on every process but the first: it writes nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def save_checkpoint(self, name: str, state: dict) -> None:
+        pass
+
+    def write_results(self, results: dict) -> None:
+        pass
 
 
 def random_states() -> dict[str, Any]:
@@ -151,19 +176,24 @@ class Trainer:
     def evaluate_split(
         self, model: nn.Module, data: TensorSplits, experiment: Experiment, split: str
     ) -> dict[str, float]:
-        """Scores averaged over every sample of a split, e.g. `{"loss": ..., "acc": ...}`."""
+        """Scores averaged over every sample of a split, e.g. `{"loss": ..., "acc": ...}`.
+
+        With several processes each scores its shard of every batch and the sums are added.
+        """
         was_training = model.training
         model.eval()
         sums: dict[str, float] = defaultdict(float)
         count = 0
-        for inputs, targets in data.eval_batches(split):
+        for batch in data.eval_batches(split):
+            (inputs, targets), samples = distributed.shard(batch)
             inputs, targets = self._move(inputs, targets)
             scores = experiment.score(data.decode(model(inputs)), targets)
             for name, values in scores.items():
-                sums[name] += values.double().sum().item()
-            count += len(inputs)
+                sums[name] += values[:samples].double().sum().item()
+            count += samples
         model.train(was_training)
-        return {name: total / count for name, total in sums.items()}
+        *totals, count = distributed.sum_over_processes([*sums.values(), count], self.device)
+        return {name: total / count for name, total in zip(sums, totals)}
 
     def evaluate_checkpoint(
         self, experiment: Experiment, model: nn.Module, data: TensorSplits
@@ -191,12 +221,23 @@ class Trainer:
         optimizer: torch.optim.Optimizer, step: int, run_path: Path,
     ) -> float:
         """One optimizer step on the next training batch; returns the batch's loss."""
-        inputs, targets = self._move(*data.train_batch())
+        batch = data.train_batch()
+        (inputs, targets), samples = distributed.shard(batch)
+        inputs, targets = self._move(inputs, targets)
         scores = experiment.score(data.decode(model(inputs)), targets)
-        loss = scores["loss"].mean()
-        loss_value = loss.item()
+        if distributed.world_size() == 1:
+            loss = scores["loss"].mean()
+            loss_value = loss.item()
+        else:
+            # Gradients are averaged over the processes: weighting each shard's sum by
+            # processes / batch makes that average the gradient of the global batch mean.
+            size = len(batch[0])
+            shard_sum = scores["loss"][:samples].sum()
+            loss = shard_sum * (distributed.world_size() / size)
+            [total] = distributed.sum_over_processes([shard_sum.item()], self.device)
+            loss_value = total / size
         if not np.isfinite(loss_value):
-            raise TrainingError(_non_finite_message(step, inputs, run_path))
+            raise TrainingError(_non_finite_message(step, batch[0], run_path))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -219,6 +260,7 @@ class Trainer:
 
         # Start fresh or from a checkpoint of an interrupted run.
         step, elapsed, best = 0, 0.0, None
+        resume_step = None
         interval_loss = [0.0, 0]
         if self.resume:
             state = read_checkpoint(self.resume, self.device)
@@ -234,11 +276,17 @@ class Trainer:
             set_random_states(state["train"]["random"])
             step, elapsed, best = state["step"], state["train"]["elapsed"], state["best"]
             interval_loss = list(state["train"]["interval_loss"])
-            run = RunDirectory(Path(self.resume).parent, resume_step=step)
+            resume_step = step
+        run = self._run_directory(experiment, run_name, resume_step)
+        if resume_step is not None:
             logger.info("resuming %s at step %d", run.path, step)
-        else:
-            run = RunDirectory.fresh(self.runs_dir, experiment.name, run_name)
         logger.info("run directory %s", run.path)
+        network = model
+        if distributed.world_size() > 1:
+            network = DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False,  # the model's buffers are constants
+            )
         parameters = sum(parameter.numel() for parameter in model.parameters())
 
         def summary(status: str) -> dict[str, Any]:
@@ -274,8 +322,8 @@ class Trainer:
         try:
             with logging_redirect_tqdm(), bar:
                 while step < max_steps:
-                    loss_value = self._train_step(experiment, model, data, optimizer, step + 1,
-                                                  run.path)
+                    loss_value = self._train_step(experiment, network, data, optimizer,
+                                                  step + 1, run.path)
                     step += 1
                     bar.update(1)
                     interval_loss[0] += loss_value
@@ -318,6 +366,24 @@ class Trainer:
                 best_name, best["val"][best_name], best["step"], _format(best["test"]), run.path,
             )
         return results
+
+    def _run_directory(
+        self, experiment: Experiment, run_name: str, resume_step: int | None
+    ) -> "RunDirectory | _NoFiles":
+        """The run directory, made by the first process; the others learn its path."""
+        run, failure = None, None
+        if distributed.is_main():
+            try:
+                if resume_step is not None:
+                    run = RunDirectory(Path(self.resume).parent, resume_step=resume_step)
+                else:
+                    run = RunDirectory.fresh(self.runs_dir, experiment.name, run_name)
+            except RunDirectoryError as error:
+                failure = str(error)
+        path, failure = distributed.broadcast((run and str(run.path), failure))
+        if failure:
+            raise RunDirectoryError(failure)
+        return run if run is not None else _NoFiles(Path(path))
 
 
 def _format(scores: dict[str, float]) -> str:

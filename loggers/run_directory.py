@@ -4,12 +4,17 @@ The directory is `<base>/<experiment>/<options>-seed<N>`, where `<options>` list
 that differ from the experiment's defaults (`default` when none do, a hash when the list is
 long). Metric records are kept in memory and the whole `metrics.jsonl` is rewritten at every
 checkpoint, so the file always matches the last checkpoint and a resumed run can continue it.
+
+Every file is written under a temporary name (`.<name>.<pid>.tmp`) and renamed, so a run killed
+at any moment leaves only complete files, plus possibly one temporary file, which nothing
+reads and which is deleted when the run is resumed.
 """
 
 import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,8 @@ from loggers.files import save_torch_atomic, write_json_atomic, write_jsonl_atom
 logger = logging.getLogger(__name__)
 
 MAX_NAME = 80
+# Free space a run needs at start-up: its checkpoints and logs take a few megabytes.
+MIN_FREE_BYTES = 100 * 2**20
 
 
 def run_name(changed: dict[str, Any], seed: int) -> str:
@@ -35,6 +42,34 @@ def run_name(changed: dict[str, Any], seed: int) -> str:
 
 class RunDirectoryError(Exception):
     """The run directory cannot be created or written."""
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse a run directory that could not be written, or whose disk is nearly full.
+
+    The directory need not exist yet; its nearest existing ancestor is checked, and nothing
+    is created.
+
+    Raises:
+        RunDirectoryError: the path is blocked by a file, not writable, or on a disk with less
+            than `MIN_FREE_BYTES` free.
+    """
+    path = Path(path)
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirectoryError(
+            f"cannot create the run directory {path}: {existing} is not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirectoryError(f"the run directory {path} is not writable ({existing})")
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise RunDirectoryError(
+            f"the disk of the run directory {path} is full: {free / 2**20:.1f} MiB free, a run "
+            f"needs at least {MIN_FREE_BYTES // 2**20} MiB"
+        )
 
 
 class RunDirectory:
@@ -55,8 +90,9 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"cannot create the run directory {self.path}: {error.strerror}"
             ) from None
-        if not os.access(self.path, os.W_OK):
-            raise RunDirectoryError(f"the run directory {self.path} is not writable")
+        check_writable(self.path)
+        for stale in self.path.glob(".*.tmp"):  # left by a killed run; never read
+            stale.unlink(missing_ok=True)
         metrics = self.path / "metrics.jsonl"
         if resume_step is not None and metrics.exists():
             lines = metrics.read_text().splitlines()
