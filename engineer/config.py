@@ -323,7 +323,10 @@ def validate(groups: dict[str, dict[str, Any]], seed: Any) -> Config:
             if parameter.default is inspect.Parameter.empty and key not in values:
                 raise ConfigError(f"{group}.{key} is required by {values['module']}")
         checked[group] = values
-    return Config(groups=checked, seed=coerce(0 if seed is None else seed, int, "seed"))
+    seed = coerce(0 if seed is None else seed, int, "seed")
+    if not 0 <= seed < 2**32:  # the range NumPy's generators accept
+        raise ConfigError(f"seed={seed} is out of range; accepted: 0 to {2**32 - 1}")
+    return Config(groups=checked, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
