@@ -34,20 +34,32 @@ def data_root(root: str | None) -> Path:
 def load_npy(path: Path, ndim: int, dtype_kind: str) -> np.ndarray:
     """Read one `.npy` file and check its rank, dtype kind ('f' float, 'i' integer) and values.
 
+    Floating point arrays are returned in float64, the type data are kept in.
+
     Raises:
-        DataError: the file is unreadable, has the wrong rank or dtype, or holds NaN/infinity.
+        DataError: the file is unreadable, not a single array, has the wrong rank or dtype,
+            holds no samples, or holds NaN/infinity.
     """
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
-        raise DataError(f"cannot read {path}: {error}; replace the file") from None
+    except (OSError, ValueError, EOFError, MemoryError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"cannot read {path}: {reason}; replace the file") from None
+    if not isinstance(array, np.ndarray):  # np.load opens an .npz archive whatever its name
+        array.close()
+        raise DataError(f"{path} is an .npz archive, not one .npy array; replace the file")
     if array.ndim != ndim or array.dtype.kind not in dtype_kind:
         raise DataError(
             f"{path} holds an array of shape {array.shape} and dtype {array.dtype}; "
             f"expected {ndim} dimensions of kind {dtype_kind!r}; replace the file"
         )
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise DataError(f"{path} contains NaN or infinite values; replace the file")
+    if len(array) == 0:
+        raise DataError(f"{path} holds no samples; replace the file")
+    if array.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float64)
+        if not np.isfinite(array).all():
+            raise DataError(f"{path} contains NaN or infinite values; replace the file")
     return array
 
 

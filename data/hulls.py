@@ -136,7 +136,10 @@ class Hulls(TensorSplits):
         arrays = read_hulls(path, split_size) if path.exists() else None
         if arrays is None:
             logger.info("generating convex hull data into %s", path)
-            generate_hulls(path, data_seed, split_size, workers, progress_bar)
+            try:
+                generate_hulls(path, data_seed, split_size, workers, progress_bar)
+            except OSError as error:  # e.g. a full disk, or a directory in the file's place
+                raise DataError(f"cannot write the hull data {path}: {error.strerror}") from None
             arrays = read_hulls(path, split_size)
             if arrays is None:
                 raise DataError(f"generated {path} but cannot read it back")

@@ -93,6 +93,10 @@ class Skeletons(TensorSplits):
             if split != "train":
                 matrices = random_orthogonal(len(inputs), 3, transforms, determinant=-1)
                 inputs = torch.einsum("sij,spj->spi", matrices, inputs)
+                if not torch.isfinite(inputs).all():
+                    raise DataError(
+                        f"X{name}.npy in {directory} holds values too large to transform"
+                    )
             self.splits[split] = (inputs, torch.from_numpy(labels).long())
         logger.info(
             "skeletons: %d training, %d validation, %d test samples from %s",
