@@ -12,6 +12,7 @@ point is transformed by the same element of O(n):
 4. a two-layer perceptron head.
 """
 
+import functools
 import inspect
 import math
 from typing import Sequence
@@ -23,6 +24,121 @@ from models.hyperspheres import EquivariantHyperspheres
 
 # Keeps the normalization's denominator away from zero.
 NORM_EPS = 1e-12
+
+# Most points per set whose Gram rows are sorted by a sorting network; beyond, torch.sort.
+MAX_NETWORK_SIZE = 32
+
+
+@functools.cache
+def sorting_network(size: int) -> tuple[tuple[int, int], ...]:
+    """Comparators ``(i, j)``, ``i < j``, of Batcher's odd-even merge sort for ``size`` inputs.
+
+    Applying them in order, each putting the smaller value at ``i`` and the larger at ``j``,
+    sorts any ``size`` values ascending. Built for the next power of two; comparators that
+    reach past ``size`` are dropped, which is the same as padding with ``+inf``.
+    """
+    power = 1 << max(size - 1, 0).bit_length()
+    pairs = []
+
+    def merge(low: int, length: int, stride: int):
+        # Merge the two sorted halves of [low, low + length) seen at the given stride.
+        if 2 * stride < length:
+            merge(low, length, 2 * stride)
+            merge(low + stride, length, 2 * stride)
+            pairs.extend((i, i + stride)
+                         for i in range(low + stride, low + length - stride, 2 * stride))
+        else:
+            pairs.append((low, low + stride))
+
+    def sort(low: int, length: int):
+        if length > 1:
+            sort(low, length // 2)
+            sort(low + length // 2, length // 2)
+            merge(low, length, 1)
+
+    sort(0, power)
+    return tuple((i, j) for i, j in pairs if j < size)
+
+
+class _PooledSortedGram(torch.autograd.Function):
+    """Gram matrices, each row sorted, pooled over the rows by maximum and mean.
+
+    ``torch.sort`` and batched matrix products are slow on many tiny matrices, so everything
+    runs on slices that span all matrices at once, each operation a single pass over memory:
+    the Gram matrix accumulates one outer product per vector dimension, and a sorting network
+    of element-wise minima and maxima sorts the rows. Gram matrices are symmetric, so slice
+    ``r`` of the first dimension holds element ``r`` of every row. The backward runs the
+    network in reverse, routing each gradient to where its value came from by the swaps the
+    forward recorded.
+    """
+
+    @staticmethod
+    def forward(ctx, vectors: torch.Tensor):
+        num_rows, rest = vectors.shape[1], vectors.shape[2:]
+        pairs = sorting_network(num_rows)
+
+        # Gram matrices (N, N, rest) in the first N of N + 1 slots; the last one is spare.
+        slots = vectors.new_empty(num_rows + 1, num_rows, *rest)
+        gram = torch.mul(vectors[0, :, None], vectors[0, None], out=slots[:num_rows])
+        for column in vectors[1:]:
+            gram.addcmul_(column[:, None], column[None])
+
+        # Sort every row in place: slot where[r] holds element r of each row, (N, rest).
+        where, spare = list(range(num_rows)), num_rows
+        swaps = (vectors.new_empty(len(pairs), num_rows, *rest, dtype=torch.uint8)
+                 if ctx.needs_input_grad[0] else None)
+        for k, (i, j) in enumerate(pairs):
+            low, high = slots[where[i]], slots[where[j]]
+            if swaps is not None:
+                torch.gt(low, high, out=swaps[k])
+            torch.maximum(low, high, out=slots[spare])
+            torch.minimum(low, high, out=low)
+            where[j], spare = spare, where[j]
+        ordered = slots[where]  # (position, row, rest)
+        top = ordered.amax(dim=1)
+        ctx.save_for_backward(vectors, ordered, top, swaps)
+        return top, ordered.mean(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_top, grad_mean):
+        vectors, ordered, top, swaps = ctx.saved_tensors
+        num_rows = ordered.shape[1]
+
+        # Gradient at each sorted position; the maximum's is shared among tied rows.
+        grad = torch.eq(ordered, top.unsqueeze(1), out=torch.empty_like(ordered))
+        grad.mul_((grad_top / grad.sum(dim=1)).unsqueeze(1))
+        grad.add_((grad_mean / num_rows).unsqueeze(1))
+
+        # Undo the comparators in reverse order, giving the gradient of the Gram matrices.
+        moved = torch.empty_like(grad[0])
+        pairs = sorting_network(num_rows)
+        for k in reversed(range(len(pairs))):
+            i, j = pairs[k]
+            torch.sub(grad[j], grad[i], out=moved).mul_(swaps[k])
+            grad[i].add_(moved)
+            grad[j].sub_(moved)
+        grad_gram = grad + grad.transpose(0, 1)
+
+        # Through the Gram matrices: grad_vectors[:, p] = sum_q grad_gram[p, q] vectors[:, q].
+        grad_vectors = torch.zeros_like(vectors)
+        for q in range(num_rows):
+            grad_vectors.addcmul_(grad_gram[None, :, q], vectors[:, None, q])
+        return grad_vectors
+
+
+def pooled_sorted_gram(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram matrices of sets of vectors, each row sorted, then pooled over the rows.
+
+    Args:
+        vectors: ``N`` vectors per set, the vector dimension first: ``(dim, N, ...)``.
+
+    Returns:
+        ``(maximum, mean)`` over the rows at each sorted position, each ``(N, ...)``.
+    """
+    if vectors.shape[1] > MAX_NETWORK_SIZE:
+        rows = torch.einsum("dp...,dq...->pq...", vectors, vectors).sort(dim=1).values
+        return rows.amax(dim=0), rows.mean(dim=0)
+    return _PooledSortedGram.apply(vectors.contiguous())
 
 
 class GatedNormalization(nn.Module):
@@ -153,11 +269,10 @@ class DeepSpheres(nn.Module):
             / 2)`` for sequences, ordered by (upper-triangle entry, channel).
         """
         y = self.equivariant_features(points)
-        gram = torch.einsum("bpcd,bqcd->bcpq", y, y)  # (batch, channels, points, points)
         if self.permutation_invariant:
-            rows = gram.sort(dim=-1).values
-            pooled = torch.stack([rows.amax(dim=2), rows.mean(dim=2)], dim=1)  # (b, 2, c, q)
-            return pooled.transpose(2, 3).flatten(1)
+            pooled = torch.stack(pooled_sorted_gram(y.permute(3, 1, 0, 2)))  # (2, q, batch, c)
+            return pooled.permute(2, 0, 1, 3).flatten(1)
+        gram = torch.einsum("bpcd,bqcd->bcpq", y, y)  # (batch, channels, points, points)
         last = self.num_points - 1
         if last > 0:
             # Weigh the corner entry like the symmetric pair it stands for.
