@@ -12,6 +12,7 @@ under an orthogonal ``Q`` by the fixed orthogonal matrix ``V(Q)`` of
 Shapes use ``n`` for the space dimension and ``K`` for the number of spheres.
 """
 
+import functools
 import math
 
 import torch
@@ -176,8 +177,8 @@ def full_spheres(weight: torch.Tensor, normalized: bool = False) -> torch.Tensor
     return spheres
 
 
-def centre_directions(spheres: torch.Tensor) -> torch.Tensor:
-    """Unit direction of each sphere's centre ``c = s[:n] / (s[n+1] + 1e-12)``.
+def centre_directions(spheres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit direction and signed length of each sphere's centre ``c = s[:n] / (s[n+1] + 1e-12)``.
 
     Computed from ``s[:n]`` and the sign of the denominator, so a tiny last entry cannot
     overflow. A sphere centred at the origin gets the zero vector.
@@ -186,15 +187,51 @@ def centre_directions(spheres: torch.Tensor) -> torch.Tensor:
         spheres: shape ``(K, n + 2)``.
 
     Returns:
-        Directions, shape ``(K, n)``.
+        ``(p, alpha)``: directions ``p``, shape ``(K, n)``, and ``alpha``, shape ``(K, 1)``,
+        with ``s[:n] = alpha p``.
     """
     centre = spheres[:, :-2]
     sign = torch.where(spheres[:, -1:] + CENTRE_EPS >= 0, 1.0, -1.0).to(spheres.dtype)
     length = centre.norm(dim=1, keepdim=True)
-    return sign * centre / torch.where(length > 0, length, torch.ones_like(length))
+    direction = centre * (sign / torch.where(length > 0, length, torch.ones_like(length)))
+    return direction, sign * length
 
 
-def sphere_rotations(spheres: torch.Tensor, vertices: torch.Tensor | None = None) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _simplex_constants(n: int, dtype: torch.dtype, device: torch.device):
+    """Simplex vertices ``(n + 1, n)``, a unit vector ``w`` orthogonal to vertex 0 ``(n,)``, and
+    the vertices reflected by ``H(v_0)`` and by ``H(w)``, each ``(n + 1, n)``.
+
+    Cached per dimension, dtype and device; the tensors are shared and never modified.
+    """
+    vertices = regular_simplex(n)
+    axis = _orthogonal_axis(vertices[0])
+    constants = (vertices, axis, reflect(vertices, vertices[0]), reflect(vertices, axis))
+    return tuple(tensor.to(dtype=dtype, device=device) for tensor in constants)
+
+
+def _sphere_axes(spheres: torch.Tensor):
+    """Sphere rotations ``O = H(second) H(first)`` taking each centre direction to vertex 0.
+
+    Usually ``first = p + v_0`` and ``second = v_0``. A sphere centred at the origin has
+    ``p = 0``, so ``O = I``. For ``p = -v_0``, ``first = p - v_0`` and ``second = w``, see
+    :func:`_rotation_axes`.
+
+    Returns:
+        ``(first, second, antipodal, alpha)``: axes ``(K, n)``, the antipodal mask ``(K, 1)``
+        and the signed centre length ``(K, 1)``.
+    """
+    n = spheres.shape[1] - 2
+    vertices, axis, _, _ = _simplex_constants(n, spheres.dtype, spheres.device)
+    direction, alpha = centre_directions(spheres)
+    first = direction + vertices[0]
+    antipodal = (first * first).sum(dim=1, keepdim=True) <= ANTIPODAL_TOL
+    first = torch.where(antipodal, direction - vertices[0], first)
+    second = torch.where(antipodal, axis, vertices[0])
+    return first, second, antipodal, alpha
+
+
+def sphere_rotations(spheres: torch.Tensor) -> torch.Tensor:
     """Rotation ``O`` of each sphere, taking its centre direction to simplex vertex 0.
 
     A sphere centred at the origin gets ``O = I``: its centre part is zero, so every rotation
@@ -202,57 +239,34 @@ def sphere_rotations(spheres: torch.Tensor, vertices: torch.Tensor | None = None
 
     Args:
         spheres: shape ``(K, n + 2)``.
-        vertices: simplex vertices ``(n + 1, n)``; computed when omitted.
 
     Returns:
         Rotations, shape ``(K, n, n)``.
     """
-    n = spheres.shape[1] - 2
-    if vertices is None:
-        vertices = regular_simplex(n, spheres.dtype, spheres.device)
-    first, second = _sphere_axes(spheres, vertices[0])
+    first, second, _, _ = _sphere_axes(spheres)
     return householder(second) @ householder(first)
 
 
-def _sphere_axes(spheres: torch.Tensor, vertex0: torch.Tensor):
-    """Reflection axes of the sphere rotations ``O = H(second) H(first)``, each ``(K, n)``."""
-    directions = centre_directions(spheres)
-    at_origin = (directions == 0).all(dim=1, keepdim=True)
-    # At the origin p + q = q: the two reflections cancel and O = I.
-    directions = torch.where(at_origin, vertex0.expand_as(directions), directions)
-    return _rotation_axes(directions, vertex0.expand_as(directions))
-
-
-def filter_banks(spheres: torch.Tensor, vertices: torch.Tensor | None = None) -> torch.Tensor:
+def filter_banks(spheres: torch.Tensor) -> torch.Tensor:
     """Filter bank of each sphere: row ``i`` is ``pad(O^T T_i O) s``.
 
-    The rotations are applied as reflections of vectors, never as dense matrices, so the cost
-    is ``O(K n^2)``.
+    With ``s[:n] = alpha p`` and ``O p = v_0``, the centre part of row ``i`` is
+    ``alpha O^T v_i = alpha H(first) H(second) v_i``, where ``H(second) v_i`` is a constant of
+    the simplex: one reflection of ``n + 1`` vectors per sphere, a cost of ``O(K n^2)``.
 
     Args:
         spheres: shape ``(K, n + 2)``.
-        vertices: simplex vertices ``(n + 1, n)``; computed when omitted.
 
     Returns:
         Filter banks, shape ``(K, n + 1, n + 2)``.
     """
     num_spheres, n = spheres.shape[0], spheres.shape[1] - 2
-    if vertices is None:
-        vertices = regular_simplex(n, spheres.dtype, spheres.device)
-    first, second = _sphere_axes(spheres, vertices[0])
-    first, second = first[:, None], second[:, None]  # (K, 1, n)
-
-    # O s: rotate the centre part onto the direction of vertex 0.
-    rotated = reflect(reflect(spheres[:, None, :n], first), second)  # (K, 1, n)
-
-    # T_i O s = H(v_i) H(v_0 + v_i) O s; for i = 0 the two reflections cancel.
-    rotated = reflect(reflect(rotated, vertices[0] + vertices), vertices)  # (K, n + 1, n)
-
-    # O^T T_i O s: undo O, whose inverse applies the same reflections in reverse order.
-    rotated = reflect(reflect(rotated, second), first)
-
+    _, _, reflected, reflected_antipodal = _simplex_constants(n, spheres.dtype, spheres.device)
+    first, _, antipodal, alpha = _sphere_axes(spheres)
+    second_reflected = torch.where(antipodal[:, :, None], reflected_antipodal, reflected)
+    centres = alpha[:, :, None] * reflect(second_reflected, first[:, None])  # (K, n + 1, n)
     rest = spheres[:, None, n:].expand(num_spheres, n + 1, 2)
-    return torch.cat([rotated, rest], dim=2)
+    return torch.cat([centres, rest], dim=2)
 
 
 def response_representation(q: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -318,10 +332,6 @@ class EquivariantHyperspheres(nn.Module):
         entries = space_dim + 1 if normalized_spheres else space_dim + 2
         bound = 1 / math.sqrt(space_dim + 2)
         self.weight = nn.Parameter(torch.empty(num_spheres, entries, 1).uniform_(-bound, bound))
-        # Float64 constants kept off the state dict and out of casts, so they stay exact; one
-        # copy per device.
-        self._vertices = regular_simplex(space_dim)
-        self._vertices_on = {self._vertices.device: self._vertices}
 
     @property
     def num_spheres(self) -> int:
@@ -334,10 +344,7 @@ class EquivariantHyperspheres(nn.Module):
     def filter_bank(self) -> torch.Tensor:
         """The filter banks, shape ``(K, n + 1, n + 2)``, in the weight's dtype."""
         spheres = self.spheres()
-        vertices = self._vertices_on.get(spheres.device)
-        if vertices is None:
-            vertices = self._vertices_on[spheres.device] = self._vertices.to(spheres.device)
-        return filter_banks(spheres.double(), vertices).to(spheres.dtype)
+        return filter_banks(spheres.double()).to(spheres.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Responses of every point to the filter banks of the spheres reading its channel.
@@ -364,8 +371,9 @@ class EquivariantHyperspheres(nn.Module):
         # vertex 0 and simplex rotations as constants: drop the duplicate, check the constants.
         state_dict.pop(prefix + "_weight", None)
         constants = {
-            "construct_filter_banks.ones_vec": lambda: self._vertices[0],
-            "construct_filter_banks.tetra_rotations": lambda: simplex_rotations(self._vertices),
+            "construct_filter_banks.ones_vec": lambda: regular_simplex(self.space_dim)[0],
+            "construct_filter_banks.tetra_rotations":
+                lambda: simplex_rotations(regular_simplex(self.space_dim)),
         }
         for key, expected in constants.items():
             stored = state_dict.pop(prefix + key, None)
