@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         default="processes", help="how runs are started (default: processes)")
     parser.add_argument("--sweeps-dir", default="sweeps", help="base directory of all sweeps")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, start none")
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                        help="run only the runs with this option value (may repeat)")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="submitit parameter for slurm, e.g. --slurm slurm_partition=gpu")
     args = parser.parse_args(argv)
@@ -190,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise SweepError(f"--workers must be at least 1, got {args.workers}")
         sweep = read_sweep(args.sweep)
-        slurm = dict(_parse_pair(pair) for pair in args.slurm)
+        slurm = dict(_parse_pair(pair, "--slurm") for pair in args.slurm)
+        only = dict(_parse_pair(pair, "--only") for pair in args.only)
     except SweepError as error:
         logger.error("%s", error)
         return 2
-    runs = expand(sweep, Path(args.sweeps_dir))
+    runs = [run for run in expand(sweep, Path(args.sweeps_dir).resolve())
+            if all(run.options.get(key) == value for key, value in only.items())]
     pending = [run for run in runs if run.results() is None]
     logger.info("sweep %s: %d runs, %d already finished", sweep["name"], len(runs),
                 len(runs) - len(pending))
@@ -220,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _parse_pair(pair: str) -> tuple[str, Any]:
+def _parse_pair(pair: str, option: str) -> tuple[str, Any]:
     if "=" not in pair:
-        raise SweepError(f"--slurm {pair!r}: expected KEY=VALUE")
+        raise SweepError(f"{option} {pair!r}: expected KEY=VALUE")
     key, value = pair.split("=", 1)
     return key, yaml.safe_load(value)
 
