@@ -25,8 +25,10 @@ from models.hyperspheres import EquivariantHyperspheres
 # Keeps the normalization's denominator away from zero.
 NORM_EPS = 1e-12
 
-# Most points per set whose Gram rows are sorted by a sorting network; beyond, torch.sort.
+# The sorting network pays a fixed cost per comparator, so it is used for at most this many
+# points per set, and when at least this many Gram entries share each comparator.
 MAX_NETWORK_SIZE = 32
+MIN_NETWORK_SLICE = 16384
 
 
 @functools.cache
@@ -135,9 +137,10 @@ def pooled_sorted_gram(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     Returns:
         ``(maximum, mean)`` over the rows at each sorted position, each ``(N, ...)``.
     """
-    if vectors.shape[1] > MAX_NETWORK_SIZE:
-        rows = torch.einsum("dp...,dq...->pq...", vectors, vectors).sort(dim=1).values
-        return rows.amax(dim=0), rows.mean(dim=0)
+    num_rows = vectors.shape[1]
+    if num_rows > MAX_NETWORK_SIZE or vectors[0].numel() < MIN_NETWORK_SLICE:
+        rows = torch.einsum("dp...,dq...->...pq", vectors, vectors).sort(dim=-1).values
+        return rows.amax(dim=-2).movedim(-1, 0), rows.mean(dim=-2).movedim(-1, 0)
     return _PooledSortedGram.apply(vectors.contiguous())
 
 

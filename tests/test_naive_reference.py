@@ -3,12 +3,20 @@
 import pytest
 import torch
 
+from models import deepspheres
 from models.deepspheres import DEH_hulls, DEH_o5reg, DEH_skeletons
 from models.hyperspheres import filter_banks
 from tests import naive_reference as naive
 from tests.equivariance import MODEL_ATOL_FLOAT64
 
 PRESETS = {"o5reg": DEH_o5reg, "hulls": DEH_hulls, "skeletons": DEH_skeletons}
+
+
+@pytest.fixture(params=["sorting network", "torch.sort"])
+def readout_path(request, monkeypatch):
+    """Run a test with the model's readout sorting by its network, or by torch.sort."""
+    network = request.param == "sorting network"
+    monkeypatch.setattr(deepspheres, "MIN_NETWORK_SLICE", 0 if network else 10**12)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 8])
@@ -20,7 +28,7 @@ def test_dense_filter_banks_match_the_model(n):
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_naive_forward_matches_the_model_in_float64(name):
+def test_naive_forward_matches_the_model_in_float64(name, readout_path):
     torch.manual_seed(0)
     model = PRESETS[name]().double()
     generator = torch.Generator().manual_seed(1)
@@ -34,7 +42,7 @@ def test_naive_forward_matches_the_model_in_float64(name):
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_naive_gradients_match_the_model(name):
+def test_naive_gradients_match_the_model(name, readout_path):
     torch.manual_seed(2)
     model = PRESETS[name]().double()
     points = torch.randn(4, model.num_points, model.space_dim, dtype=torch.float64)
