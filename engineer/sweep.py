@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs, start none")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                         help="run only the runs with this option value (may repeat)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="add or change an option of every run, e.g. a shorter "
+                             "--set trainer.max_steps=16384 (may repeat)")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="submitit parameter for slurm, e.g. --slurm slurm_partition=gpu")
     args = parser.parse_args(argv)
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep = read_sweep(args.sweep)
         slurm = dict(_parse_pair(pair, "--slurm") for pair in args.slurm)
         only = dict(_parse_pair(pair, "--only") for pair in args.only)
+        sweep["options"] = {**sweep.get("options", {}),
+                            **dict(_parse_pair(pair, "--set") for pair in args.set)}
     except SweepError as error:
         logger.error("%s", error)
         return 2

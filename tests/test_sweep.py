@@ -79,3 +79,17 @@ def test_grid_expands_to_every_combination(tmp_path):
     arguments = sweep.command(spec, runs[0])
     assert arguments[1].endswith("o5_regression.py")
     assert "--dataset.num_samples=30" in arguments and "--seed=0" in arguments
+
+
+def test_only_and_set_select_and_change_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "engineer.sweep", "configs/sweeps/o5_regression.yaml",
+         "--sweeps-dir", str(tmp_path), "--dry-run", "--only", "dataset.num_samples=300",
+         "--set", "trainer.max_steps=64"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    planned = [line for line in result.stderr.splitlines() if "would run" in line]
+    assert len(planned) == 3
+    assert all("--dataset.num_samples=300 " in line and "--trainer.max_steps=64" in line
+               for line in planned)
+    assert not any(tmp_path.iterdir())  # a dry run creates nothing
