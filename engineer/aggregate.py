@@ -86,7 +86,7 @@ def markdown(rows: list[dict], metric: str, paper_steps: int | None) -> str:
         lines.append(
             f"| {row['num_samples']} | {steps} | {row['runs']} | {row['mean']:.5g} | "
             f"{row['std']:.2g} | {row['min']:.5g} | {row['max']:.5g} | "
-            f"{row['wall_time_s']:.0f} | {row['target']} |")
+            f"{row['wall_time_s']:.3g} | {row['target']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,6 +95,7 @@ def plot(rows: list[dict], sweep: dict[str, Any], metric: str, path: Path) -> No
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(5.5, 3.8), dpi=100)
@@ -108,6 +109,9 @@ def plot(rows: list[dict], sweep: dict[str, Any], metric: str, path: Path) -> No
         axes.scatter([reference["num_samples"]], [reference["value"]], marker="*", s=150,
                      color="black", zorder=3, label=reference.get("label", "reference"))
     axes.set_xscale("log")
+    sizes = sorted({row["num_samples"] for row in rows})
+    axes.set_xticks(sizes, [str(size) for size in sizes])
+    axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     if metric != "acc":
         axes.set_yscale("log")
     axes.set_xlabel("training samples")
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as error:
         logger.error("%s", error)
         return 2
-    sys.stdout.write(markdown(rows, read_sweep(args.sweep).get("metric", "loss"), None))
+    sweep = read_sweep(args.sweep)
+    sys.stdout.write(markdown(rows, sweep.get("metric", "loss"), sweep.get("paper_steps")))
     return 0
 
 

@@ -14,12 +14,14 @@ A sweep file names the experiment, fixed options, and a grid:
     target: {num_samples: 30000, at_most: 0.0009}
 
 Each run is one call of the experiment's entry script with ``--key=value`` options and its own
-base directory ``<sweep dir>/<run key>``, so a sweep knows which runs are done: those with a
-``results.json``. An interrupted run with a ``last.pt`` is resumed from it; finished runs are
-skipped, so a sweep started again continues where it stopped.
+base directory ``<sweep dir>/<run key>``, so a sweep knows which runs are done: those whose
+``results.json`` says they finished. An interrupted run with a ``last.pt`` is resumed from it,
+one interrupted before its first checkpoint starts again; finished runs are skipped, so a
+sweep started again continues where it stopped.
 
     python -m engineer.sweep configs/sweeps/o5_regression.yaml --workers 2
-    python -m engineer.sweep configs/sweeps/hulls.yaml --executor slurm --partition gpu
+    python -m engineer.sweep configs/sweeps/hulls.yaml --executor slurm \
+        --slurm slurm_partition=gpu --slurm timeout_min=600
 """
 
 import argparse
@@ -36,12 +38,15 @@ from typing import Any
 
 import yaml
 
+from engineer.config import ConfigError, HelpRequested, parse
+from engineer.experiments import EXPERIMENTS as EXPERIMENT_SETUPS
 from loggers.console import setup_console_logging
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-EXPERIMENTS = ("o5_regression", "hulls", "o3_skeletons")
+# Entry scripts and the experiments they run.
+SCRIPTS = {"o5_regression": "o5_regression", "hulls": "hulls", "o3_skeletons": "skeletons"}
 SWEEP_KEYS = {"experiment", "configs", "options", "grid", "cases", "name", "metric",
               "reference", "target", "paper_steps"}
 
@@ -60,12 +65,24 @@ class Run:
 
     def results(self) -> Path | None:
         """The run's ``results.json``, when the run has finished."""
-        found = sorted(self.base.glob("*/*/results.json"))
-        return found[0] if found else None
+        for path in sorted(self.base.glob("*/*/results.json")):
+            if _status(path) == "finished":
+                return path
+        return None
 
     def interrupted_checkpoint(self) -> Path | None:
-        found = sorted(self.base.glob("*/*/last.pt"))
-        return found[0] if found else None
+        """``last.pt`` of an interrupted run, to resume it."""
+        for path in sorted(self.base.glob("*/*/last.pt")):
+            if _status(path.with_name("results.json")) != "finished":
+                return path
+        return None
+
+
+def _status(results: Path) -> str | None:
+    try:
+        return json.loads(results.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_sweep(path: str | Path) -> dict[str, Any]:
@@ -82,8 +99,8 @@ def read_sweep(path: str | Path) -> dict[str, Any]:
     unknown = set(sweep) - SWEEP_KEYS
     if unknown:
         raise SweepError(f"{path}: unknown keys {sorted(unknown)}; accepted: {sorted(SWEEP_KEYS)}")
-    if sweep.get("experiment") not in EXPERIMENTS:
-        raise SweepError(f"{path}: experiment must be one of {', '.join(EXPERIMENTS)}, got "
+    if sweep.get("experiment") not in SCRIPTS:
+        raise SweepError(f"{path}: experiment must be one of {', '.join(SCRIPTS)}, got "
                          f"{sweep.get('experiment')!r}")
     for key in ("options", "grid"):
         if not isinstance(sweep.get(key, {}), dict):
@@ -125,6 +142,20 @@ def command(sweep: dict[str, Any], run: Run) -> list[str]:
     if checkpoint is not None:
         arguments.append(f"--trainer.resume={checkpoint}")
     return arguments
+
+
+def check_options(sweep: dict[str, Any], runs: list[Run]) -> None:
+    """Parse every run's options as its entry script will, so a typo fails before any run."""
+    experiment = EXPERIMENT_SETUPS[SCRIPTS[sweep["experiment"]]]
+    for run in runs:
+        arguments = [argument for argument in command(sweep, run)[2:]
+                     if not argument.startswith("--trainer.resume=")]
+        try:
+            parse(arguments, experiment.configs, experiment.seed)
+        except ConfigError as error:
+            raise SweepError(f"run {run.key}: {error}") from None
+        except HelpRequested:
+            raise SweepError(f"run {run.key}: an option asks for --help") from None
 
 
 def execute(arguments: list[str], log_path: str) -> int:
@@ -205,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run for run in expand(sweep, Path(args.sweeps_dir).resolve())
             if all(run.options.get(key) == value for key, value in only.items())]
     pending = [run for run in runs if run.results() is None]
+    try:
+        check_options(sweep, pending)
+    except SweepError as error:
+        logger.error("%s", error)
+        return 2
     logger.info("sweep %s: %d runs, %d already finished", sweep["name"], len(runs),
                 len(runs) - len(pending))
     if args.dry_run:
@@ -216,11 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(run, command(sweep, run)) for run in pending]
 
     start = time.perf_counter()
-    if args.executor == "processes":
-        statuses = run_local(jobs, args.workers)
-    else:
-        folder = Path(args.sweeps_dir) / sweep["name"] / "submitit"
-        statuses = run_submitit(jobs, args.executor.removeprefix("submitit-"), folder, slurm)
+    try:
+        if args.executor == "processes":
+            statuses = run_local(jobs, args.workers)
+        else:
+            folder = Path(args.sweeps_dir) / sweep["name"] / "submitit"
+            statuses = run_submitit(jobs, args.executor.removeprefix("submitit-"), folder,
+                                    slurm)
+    except KeyboardInterrupt:
+        logger.warning("sweep %s interrupted; the same command continues it", sweep["name"])
+        return 130
     failed = sorted(key for key, status in statuses.items() if status != 0)
     logger.info("sweep %s: %d runs in %.0f s, %d failed", sweep["name"], len(jobs),
                 time.perf_counter() - start, len(failed))

@@ -93,3 +93,28 @@ def test_only_and_set_select_and_change_runs(tmp_path):
     assert all("--dataset.num_samples=300 " in line and "--trainer.max_steps=64" in line
                for line in planned)
     assert not any(tmp_path.iterdir())  # a dry run creates nothing
+
+
+def test_interrupted_runs_are_resumed_not_counted(tmp_path):
+    spec = sweep.read_sweep(REPO / "configs/sweeps/smoke/o5_regression.yaml")
+    run = sweep.expand(spec, tmp_path)[0]
+    run_dir = run.base / "o5_regression" / "default-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text('{"status": "interrupted at step 30"}')
+    (run_dir / "last.pt").write_bytes(b"")
+    assert run.results() is None
+    assert run.interrupted_checkpoint() == run_dir / "last.pt"
+    assert f"--trainer.resume={run_dir / 'last.pt'}" in sweep.command(spec, run)
+    (run_dir / "results.json").write_text('{"status": "finished"}')
+    assert run.results() == run_dir / "results.json"
+    assert run.interrupted_checkpoint() is None
+
+
+def test_misspelled_option_fails_before_any_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "engineer.sweep", "configs/sweeps/smoke/o5_regression.yaml",
+         "--sweeps-dir", str(tmp_path), "--set", "trainer.max_stepz=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "trainer.max_stepz" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
