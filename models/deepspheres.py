@@ -15,7 +15,7 @@ point is transformed by the same element of O(n):
 import functools
 import inspect
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -203,10 +203,16 @@ class DeepSpheres(nn.Module):
                  normalized_spheres: bool = False, fix_spheres: bool = False,
                  norm_activations_grad: bool = True, permutation_invariant: bool = True):
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
         widths = [width] * depth if isinstance(width, int) else list(width)
-        if depth < 1 or len(widths) != depth:
+        if len(widths) != depth:
             raise ValueError(f"width must list one entry per layer (depth = {depth}), "
                              f"got {width!r}")
+        for name, value in (("hidden_features", hidden_features),
+                            ("output_channels", output_channels)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if num_points < 1 or space_dim < 2:
             raise ValueError(f"need num_points >= 1 and space_dim >= 2, got {num_points} and "
                              f"{space_dim}")
@@ -301,7 +307,7 @@ class DeepSpheres(nn.Module):
                 f"got {tuple(points.shape)}")
 
 
-def _preset(name: str, summary: str, **defaults) -> callable:
+def _preset(name: str, summary: str, **defaults) -> Callable[..., DeepSpheres]:
     """A function building :class:`DeepSpheres` with other defaults, keyword overrides allowed.
 
     Its signature is that of the class with the new defaults, so configuration tools that read

@@ -110,6 +110,13 @@ def test_bad_width_is_rejected():
         DeepSpheres(depth=2, width=[3])
 
 
+@pytest.mark.parametrize("option,value", [("depth", 0), ("depth", -1), ("hidden_features", 0),
+                                          ("output_channels", 0)])
+def test_sizes_below_one_are_rejected_by_name(option, value):
+    with pytest.raises(ValueError, match=f"^{option} must be >= 1, got {value}$"):
+        DeepSpheres(**{option: value})
+
+
 # The released checkpoints
 
 CHECKPOINTS = [
