@@ -37,7 +37,11 @@ def load_model(
         if key not in parameters:
             raise ConfigError(f"unknown option model.{key}; accepted: {', '.join(parameters)}")
         options[key] = coerce(value, parameters[key].annotation, f"model.{key}")
-    model = target(**options).to(device)
+    try:
+        model = target(**options)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"model ({target.__name__}): {error}") from None
+    model = model.to(device)
     if checkpoint is not None:
         load_weights(model, read_checkpoint(checkpoint, device), checkpoint)
     return model.eval()

@@ -123,19 +123,24 @@ def resolve(name: Any, group: str) -> Callable:
     return target
 
 
-def _check_kind(target: Callable, group: str, name: str) -> None:
-    """Refuse a class that does not build what the group needs, before anything calls it.
-
-    Functions are accepted only as model factories defined in `models`.
-    """
-    import torch
+def group_kind(group: str) -> type:
+    """The class whose instances a group's constructor must return."""
+    import torch  # imported here: the trainer imports this module
     from torch import nn
 
     from data.common import TensorSplits
     from engineer.trainer import Trainer
 
-    kind = {"trainer": Trainer, "dataset": TensorSplits, "optimizer": torch.optim.Optimizer,
+    return {"trainer": Trainer, "dataset": TensorSplits, "optimizer": torch.optim.Optimizer,
             "model": nn.Module}[group]
+
+
+def _check_kind(target: Callable, group: str, name: str) -> None:
+    """Refuse a class that does not build what the group needs, before anything calls it.
+
+    Functions are accepted only as model factories defined in `models`.
+    """
+    kind = group_kind(group)
     if inspect.isclass(target) and issubclass(target, kind):
         return
     if group == "model" and inspect.isfunction(target) and target.__module__.startswith("models."):
@@ -147,7 +152,8 @@ def signature_of(target: Callable, group: str) -> dict[str, inspect.Parameter]:
     """The configurable keyword parameters of a constructor, annotations resolved."""
     try:
         hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except Exception:  # unresolvable string annotations: fall back to the raw ones
+    except (NameError, TypeError, AttributeError, SyntaxError):
+        # Unresolvable string annotations: fall back to the raw ones.
         hints = {}
     parameters = {}
     for name, parameter in inspect.signature(target).parameters.items():

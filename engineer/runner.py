@@ -13,22 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from data.common import DataError, TensorSplits
+from data.common import DataError
 from engineer import distributed
-from engineer.checkpoint import CheckpointError
-from engineer.config import Config, ConfigError, HelpRequested, parse
+from engineer.checkpoint import CheckpointError, load_weights, read_checkpoint
+from engineer.config import (Config, ConfigError, HelpRequested, coerce, group_kind, parse,
+                             signature_of)
 from engineer.experiments import EXPERIMENTS, Experiment
 from engineer.trainer import NEUTRAL_OPTIONS, Trainer, TrainingError, seed_everything
 from loggers.console import setup_console_logging
 from loggers.run_directory import RunDirectoryError, check_writable, run_name
 
 logger = logging.getLogger(__name__)
-
-# What each group must build.
-KINDS = {"trainer": Trainer, "dataset": TensorSplits, "optimizer": torch.optim.Optimizer,
-         "model": nn.Module}
 
 
 def build(config: Config, group: str, **supplied: Any) -> Any:
@@ -38,19 +34,37 @@ def build(config: Config, group: str, **supplied: Any) -> Any:
         built = config.build(group, **supplied)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{group} ({name}): {error}") from None
-    if not isinstance(built, KINDS[group]):
+    if not isinstance(built, group_kind(group)):
         raise ConfigError(f"{group}.module={name} returned a {type(built).__name__}")
     return built
 
 
-def changed_options(config: Config, defaults: Config) -> dict[str, Any]:
-    """Options (as `key=value`) that differ from the experiment's defaults and change results."""
+def schedule_value(config: Config, experiment: Experiment, key: str, num_samples: Any) -> Any:
+    """A trainer option as a run uses it: a null schedule is the experiment's for the size."""
+    value = config.value("trainer", key)
+    if value is None and key == "max_steps":
+        return experiment.max_steps(num_samples)
+    if value is None and key == "val_check_interval":
+        return experiment.val_check_interval
+    return value
+
+
+def changed_options(config: Config, defaults: Config, experiment: Experiment) -> dict[str, Any]:
+    """Options (as `key=value`) that change results and differ from the experiment's defaults.
+
+    The schedule is compared as a run uses it, for the configuration's training size: a
+    spelled-out `max_steps=72000` for the skeletons' full training set equals its null default.
+    """
+    num_samples = config.value("dataset", "num_samples")
     changed = {}
     for group in config.groups:
         for key in sorted(set(config.groups[group]) | set(defaults.groups[group])):
             if key in NEUTRAL_OPTIONS.get(group, ()):
                 continue
             value, default = config.value(group, key), defaults.value(group, key)
+            if group == "trainer" and key in ("max_steps", "val_check_interval"):
+                value = schedule_value(config, experiment, key, num_samples)
+                default = schedule_value(defaults, experiment, key, num_samples)
             if json.dumps(value, default=str) != json.dumps(default, default=str):
                 changed[key if key != "module" else f"{group}"] = (
                     str(value).rsplit(".", 1)[-1] if key == "module" else value
@@ -58,8 +72,41 @@ def changed_options(config: Config, defaults: Config) -> dict[str, Any]:
     return changed
 
 
+def use_checkpoint_data(config: Config, checkpoint: dict, path: str) -> None:
+    """Evaluate our checkpoint on the data it was trained with: its dataset options and seed.
+
+    A released checkpoint stores no configuration and keeps the command line's options.
+    """
+    stored = checkpoint.get("config")
+    if not isinstance(stored, dict) or not isinstance(stored.get("dataset"), dict):
+        return
+    dataset, module = stored["dataset"], config.groups["dataset"]["module"]
+    if dataset.get("module") != module:
+        raise ConfigError(f"checkpoint {path} was trained on {dataset.get('module')} data, "
+                          f"this experiment uses {module}")
+    parameters = signature_of(config.target("dataset"), "dataset")
+    taken = []
+    for key, value in dataset.items():
+        if key not in parameters or key in NEUTRAL_OPTIONS["dataset"]:
+            continue
+        value = coerce(value, parameters[key].annotation, f"dataset.{key}")
+        if json.dumps(value) != json.dumps(config.value("dataset", key)):
+            taken.append(f"dataset.{key}={value}")
+        config.groups["dataset"][key] = value
+    seed = checkpoint.get("seed", stored.get("seed"))
+    if isinstance(seed, int) and seed != config.seed:
+        taken.append(f"seed={seed}")
+        config.seed = seed
+    if taken:
+        logger.info("evaluating on the checkpoint's data options: %s", ", ".join(taken))
+
+
 def run(experiment: Experiment, config: Config) -> dict[str, Any]:
-    """Build the parts a configuration names and train, or evaluate a checkpoint."""
+    """Build the parts a configuration names and train, or evaluate a checkpoint.
+
+    Everything that can be checked cheaply (options, model, checkpoint, run directory) is
+    checked before the data are built, which can take minutes.
+    """
     trainer: Trainer = build(config, "trainer")
     if trainer.num_threads is not None:
         torch.set_num_threads(trainer.num_threads)
@@ -73,20 +120,31 @@ def run(experiment: Experiment, config: Config) -> dict[str, Any]:
     if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)
         trainer.progress_bar = False
+
+    # The checkpoint to evaluate, and the data options it was trained with.
+    checkpoint = None
+    if trainer.test_only:
+        checkpoint = read_checkpoint(trainer.checkpoint, trainer.device)
+        use_checkpoint_data(config, checkpoint, trainer.checkpoint)
     seed_everything(config.seed)
 
-    with distributed.main_first():  # a data cache is filled by one process
-        data = build(config, "dataset", seed=config.seed)
     model = build(config, "model")
     model.to(trainer.device)
     if any(p.dtype != trainer.dtype for p in model.parameters()):
         model.to(trainer.dtype)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, trainer.checkpoint)
+
+    # The data use their own random generators, so building them after the model changes
+    # neither.
+    with distributed.main_first():  # a data cache is filled by one process
+        data = build(config, "dataset", seed=config.seed)
 
     if trainer.test_only:
-        return trainer.evaluate_checkpoint(experiment, model, data)
+        return trainer.evaluate_checkpoint(experiment, model, data, checkpoint)
     optimizer = build(config, "optimizer", params=model.parameters())
     defaults = parse([], experiment.configs, experiment.seed)
-    name = run_name(changed_options(config, defaults), config.seed)
+    name = run_name(changed_options(config, defaults, experiment), config.seed)
     return trainer.fit(experiment, model, data, optimizer, config, name)
 
 

@@ -145,6 +145,15 @@ class Trainer:
             raise ConfigError("trainer.test_only=True needs trainer.checkpoint=PATH")
         if test_only and resume:
             raise ConfigError("trainer.test_only and trainer.resume exclude each other")
+        if checkpoint and not test_only:
+            raise ConfigError(
+                "trainer.checkpoint is for evaluation with trainer.test_only=True; to continue "
+                "an interrupted run use trainer.resume=PATH"
+            )
+        for name, path in (("checkpoint", checkpoint), ("resume", resume)):
+            if path and not Path(path).is_file():
+                problem = "is a directory" if Path(path).is_dir() else "does not exist"
+                raise ConfigError(f"trainer.{name}={path} {problem}; give a checkpoint file")
         try:
             self.device = torch.device(
                 device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,6 +162,8 @@ class Trainer:
             raise ConfigError(f"trainer.device={device!r} is not a device (cpu, cuda, cuda:0...)")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"trainer.device={device}: CUDA is not available; use cpu")
+        if self.device.type == "cpu" and self.device.index not in (None, 0):
+            raise ConfigError(f"trainer.device={device}: there is one CPU device; use cpu")
         self.dtype = DTYPES[dtype]
         self.max_steps = max_steps
         self.val_check_interval = val_check_interval
@@ -196,17 +207,22 @@ class Trainer:
         return {name: total / count for name, total in zip(sums, totals)}
 
     def evaluate_checkpoint(
-        self, experiment: Experiment, model: nn.Module, data: TensorSplits
+        self, experiment: Experiment, model: nn.Module, data: TensorSplits,
+        checkpoint: dict | None = None,
     ) -> dict[str, dict[str, float]]:
-        """Load `self.checkpoint` into the model and score the validation and test splits."""
-        checkpoint = read_checkpoint(self.checkpoint, self.device)
-        load_weights(model, checkpoint, self.checkpoint)
-        stored = checkpoint.get("data")
-        if stored and stored != data.checkpoint_state():
-            logger.warning(
-                "the checkpoint's data statistics %s differ from this dataset's %s; "
-                "check the dataset options and seed", stored, data.checkpoint_state(),
-            )
+        """Score the validation and test splits with the weights of `self.checkpoint`.
+
+        Args:
+            checkpoint: the file's content when already read and loaded into the model.
+        """
+        if checkpoint is None:
+            checkpoint = read_checkpoint(self.checkpoint, self.device)
+            load_weights(model, checkpoint, self.checkpoint)
+        stored, current = checkpoint.get("data"), data.checkpoint_state()
+        if stored and stored != current:
+            differing = sorted(key for key in stored if stored[key] != current.get(key))
+            logger.warning("the checkpoint's data statistics (%s) differ from this dataset's; "
+                           "check the dataset options and seed", ", ".join(differing))
         results = {split: self.evaluate_split(model, data, experiment, split)
                    for split in ("val", "test")}
         for split, scores in results.items():
@@ -353,10 +369,12 @@ class Trainer:
             raise
         except KeyboardInterrupt:
             summary(f"interrupted at step {step}")
-            logger.warning(
-                "interrupted at step %d; continue with --trainer.resume=%s",
-                step, run.path / "last.pt",
-            )
+            if (run.path / "last.pt").is_file():
+                logger.warning("interrupted at step %d; continue with --trainer.resume=%s",
+                               step, run.path / "last.pt")
+            else:
+                logger.warning("interrupted at step %d, before the first validation: no "
+                               "checkpoint was written, so start the run again", step)
             raise
 
         results = summary("finished")

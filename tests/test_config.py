@@ -1,5 +1,6 @@
 """Configuration: stacking files, overrides, types, refused modules and one-line errors."""
 
+import functools
 import logging
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.o5_regression import O5Regression
 from engineer import load_model
 from engineer.config import ConfigError, parse, resolve
 from engineer.experiments import EXPERIMENTS
@@ -147,6 +149,8 @@ def test_load_model_from_a_yaml_file_and_a_dict():
     assert model(torch.randn(3, 20, 3)).shape == (3, 10)
     with pytest.raises(ConfigError, match="unknown option model.size"):
         load_model({"module": "models.deepspheres.DEH_skeletons", "size": 8})
+    with pytest.raises(ConfigError, match=r"^model \(DEH_skeletons\): depth must be >= 1, got 0$"):
+        load_model({"module": "models.deepspheres.DEH_skeletons", "depth": 0})
 
 
 def test_load_model_with_a_released_checkpoint(reference_dir):
@@ -165,9 +169,46 @@ def test_unavailable_device_and_unwritable_run_directory(tmp_path, caplog):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="trainer.device=cuda: CUDA is not available"):
             o5_config("--trainer.device=cuda").build("trainer")
+    with pytest.raises(ConfigError, match="trainer.device=cpu:1: there is one CPU device"):
+        o5_config("--trainer.device=cpu:1").build("trainer")
     blocker = tmp_path / "file"
     blocker.write_text("")
     status = main("o5_regression", ["--dataset.num_samples=100", "--trainer.progress_bar=False",
                                     f"--trainer.runs_dir={blocker}"])
     assert status == 2
     assert f"cannot create the run directory {blocker / 'o5_regression'}" in caplog.text
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["--model.width=[2,3]"], "model (models.deepspheres.DEH_o5reg): width must list one entry "
+                              "per layer (depth = 1), got [2, 3]"),
+    (["--model.depth=0"], "model (models.deepspheres.DEH_o5reg): depth must be >= 1, got 0"),
+    (["--model.hidden_features=0"],
+     "model (models.deepspheres.DEH_o5reg): hidden_features must be >= 1, got 0"),
+    (["--trainer.test_only=True", "--trainer.checkpoint={tmp}/missing.pt"],
+     "trainer.checkpoint={tmp}/missing.pt does not exist; give a checkpoint file"),
+    (["--trainer.resume={tmp}/missing.pt"],
+     "trainer.resume={tmp}/missing.pt does not exist; give a checkpoint file"),
+    (["--trainer.resume={tmp}"], "trainer.resume={tmp} is a directory; give a checkpoint file"),
+    (["--trainer.checkpoint={tmp}/missing.pt"],
+     "trainer.checkpoint is for evaluation with trainer.test_only=True; to continue an "
+     "interrupted run use trainer.resume=PATH"),
+    (["--trainer.test_only=True", "--trainer.checkpoint={tmp}/other.pt"],
+     "checkpoint {tmp}/other.pt does not fit this DeepSpheres (is it from another model or "
+     "configuration?): 3 mismatches: linear1.weight has shape [8, 6] in the checkpoint, "
+     "[32, 6] in the model; linear1.bias has shape [8] in the checkpoint, [32] in the model; "
+     "and 1 more"),
+])
+def test_options_model_and_checkpoint_are_checked_before_the_data(tmp_path, monkeypatch, caplog,
+                                                                  argv, error):
+    @functools.wraps(O5Regression.__init__)  # keeps the signature the configuration reads
+    def build(*args, **kwargs):
+        raise AssertionError("the data were built before the options were checked")
+
+    monkeypatch.setattr(O5Regression, "__init__", build)
+    torch.save({"model": load_model({"module": "models.deepspheres.DEH_o5reg",
+                                     "hidden_features": 8}).state_dict()}, tmp_path / "other.pt")
+    status = main("o5_regression", [f"--trainer.runs_dir={tmp_path / 'runs'}",
+                                    *(a.format(tmp=tmp_path) for a in argv)])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert status == 2 and errors == [error.format(tmp=tmp_path)]

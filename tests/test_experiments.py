@@ -9,7 +9,7 @@ import pytest
 
 from engineer.config import parse
 from engineer.experiments import EXPERIMENTS
-from engineer.runner import main, run
+from engineer.runner import changed_options, main, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,23 @@ def test_released_hull_checkpoint_on_generated_data(reference_dir, tmp_path):
         "--trainer.test_only=True",
         f"--trainer.checkpoint={reference_dir / 'log-o5-hull' / 'best_val_loss_65536'}")
     assert 1.15 < results["test"]["loss"] < 1.55
+
+
+@pytest.mark.parametrize("name,argv,changed", [
+    ("skeletons", ["--trainer.max_steps=72000", "--trainer.val_check_interval=1000"], {}),
+    ("skeletons", ["--dataset.num_samples=260", "--trainer.max_steps=8125"],
+     {"num_samples": 260}),
+    ("skeletons", ["--dataset.num_samples=260"], {"num_samples": 260}),
+    ("skeletons", ["--dataset.num_samples=260", "--trainer.max_steps=72000"],
+     {"max_steps": 72000, "num_samples": 260}),
+    ("o5_regression", ["--trainer.max_steps=131072", "--trainer.val_check_interval=1024"], {}),
+    ("hulls", ["--trainer.val_check_interval=512"], {"val_check_interval": 512}),
+])
+def test_run_names_compare_the_schedule_a_run_uses(name, argv, changed):
+    experiment = EXPERIMENTS[name]
+    config = parse(argv, experiment.configs, experiment.seed)
+    defaults = parse([], experiment.configs, experiment.seed)
+    assert changed_options(config, defaults, experiment) == changed
 
 
 def test_skeleton_training_beats_chance(skeletons_dir, tmp_path):

@@ -91,6 +91,21 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch)
             rtol=0, atol=0)
 
 
+def test_interrupt_before_any_checkpoint_says_to_start_again(tmp_path, monkeypatch, caplog):
+    def interrupt(batch):
+        raise KeyboardInterrupt
+
+    break_training_at(monkeypatch, 5, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_o5(tmp_path, "--trainer.max_steps=60", "--trainer.val_check_interval=20")
+    [run_dir] = (tmp_path / "runs" / "o5_regression").iterdir()
+    assert sorted(os.listdir(run_dir)) == ["metrics.jsonl", "results.json"]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted at step 4"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["interrupted at step 4, before the first validation: no checkpoint was "
+                        "written, so start the run again"]
+
+
 def test_resume_refuses_other_options(tmp_path):
     run_o5(tmp_path, "--trainer.max_steps=20", "--trainer.val_check_interval=10")
     [run_dir] = (tmp_path / "runs" / "o5_regression").iterdir()
@@ -127,9 +142,11 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, caplog):
     torch.save({"model": DEH_skeletons().state_dict(), "step": 0}, path)
     status, errors = evaluate(tmp_path, path, caplog)
     assert status == 2 and len(errors) == 1
-    assert errors[0].startswith(f"checkpoint {path} does not fit this DeepSpheres (is it from "
-                                "another model or configuration?)")
-    assert "\n" not in errors[0] and not (tmp_path / "runs").exists()
+    assert errors[0] == (
+        f"checkpoint {path} does not fit this DeepSpheres (is it from another model or "
+        "configuration?): 9 mismatches: spheres.1.weight not in the model; biases.1 not in the "
+        "model; and 7 more")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_truncated_checkpoint_is_refused(tmp_path, caplog):
@@ -140,9 +157,22 @@ def test_truncated_checkpoint_is_refused(tmp_path, caplog):
     truncated.write_bytes(content[: len(content) // 2])
     status, errors = evaluate(tmp_path, truncated, caplog)
     assert status == 2 and len(errors) == 1
-    assert errors[0].startswith(f"cannot read checkpoint {truncated}: truncated or not a torch "
-                                "checkpoint")
+    assert errors == [f"{truncated} is not a torch checkpoint (or is damaged)"]
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", [b"hello", b"garbage bytes 123", b"", bytes(range(256))])
+@pytest.mark.parametrize("option", ["checkpoint", "resume"])
+def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_line(tmp_path, caplog, content,
+                                                                  option):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(content)
+    test_only = ["--trainer.test_only=True"] if option == "checkpoint" else []
+    status = main("o5_regression", o5_arguments(tmp_path, *test_only,
+                                                f"--trainer.{option}={path}"))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert status == 2 and errors == [f"{path} is not a torch checkpoint (or is damaged)"]
+    assert "weights_only" not in caplog.text
 
 
 class CallsOnLoad:
@@ -155,8 +185,11 @@ class CallsOnLoad:
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "hostile.pt"
     torch.save({"model": {}, "payload": CallsOnLoad()}, path)
-    with pytest.raises(CheckpointError, match=f"refusing to load {path}"):
+    with pytest.raises(CheckpointError) as error:
         run_o5(tmp_path, "--trainer.test_only=True", f"--trainer.checkpoint={path}")
+    assert str(error.value) == (
+        f"refusing to load {path}: it holds code or objects beyond tensors and plain values, "
+        "which could run code when read")
 
 
 def test_our_checkpoint_evaluates_to_its_recorded_numbers(tmp_path, caplog):
@@ -164,3 +197,21 @@ def test_our_checkpoint_evaluates_to_its_recorded_numbers(tmp_path, caplog):
     best = os.path.join(results["run_dir"], "best.pt")
     evaluation = run_o5(tmp_path, "--trainer.test_only=True", f"--trainer.checkpoint={best}")
     assert evaluation["test"]["loss"] == pytest.approx(results["best"]["test"]["loss"], rel=1e-6)
+
+
+def test_our_checkpoint_is_evaluated_on_the_data_it_was_trained_with(tmp_path, caplog):
+    results = run_o5(tmp_path, "--seed=3", "--trainer.max_steps=30",
+                     "--trainer.val_check_interval=10")
+    best = os.path.join(results["run_dir"], "best.pt")
+    recorded = json.loads((tmp_path / results["run_dir"] / "results.json").read_text())
+
+    # Neither the training size nor the seed is repeated.
+    arguments = [f"--trainer.runs_dir={tmp_path / 'runs'}", "--trainer.progress_bar=False",
+                 "--trainer.test_only=True", f"--trainer.checkpoint={best}"]
+    caplog.clear()
+    evaluation = run(O5, parse(arguments, O5.configs, O5.seed))
+    assert evaluation["test"]["loss"] == pytest.approx(recorded["best"]["test"]["loss"],
+                                                       rel=1e-6)
+    assert "evaluating on the checkpoint's data options: dataset.num_samples=256, seed=3" in [
+        r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
