@@ -47,7 +47,8 @@ def collect(sweep_dir: Path, metric: str) -> list[dict[str, Any]]:
     return records
 
 
-def summarize(records: list[dict[str, Any]], target: dict[str, Any] | None) -> list[dict]:
+def summarize(records: list[dict[str, Any]], target: dict[str, Any] | None,
+              paper_steps: int | None = None) -> list[dict]:
     """Rows of the table: one per (training size, steps), sorted."""
     groups: dict[tuple[int, int], list[dict]] = {}
     for record in records:
@@ -62,14 +63,17 @@ def summarize(records: list[dict[str, Any]], target: dict[str, Any] | None) -> l
             "num_samples": num_samples, "max_steps": max_steps, "runs": len(values),
             "mean": mean, "std": std, "min": min(values), "max": max(values),
             "wall_time_s": sum(r["wall_time_s"] for r in group) / len(group),
-            "target": _verdict(num_samples, mean, target),
+            "target": _verdict(num_samples, max_steps, mean, target, paper_steps),
         })
     return rows
 
 
-def _verdict(num_samples: int, mean: float, target: dict[str, Any] | None) -> str:
+def _verdict(num_samples: int, max_steps: int, mean: float, target: dict[str, Any] | None,
+             paper_steps: int | None) -> str:
     if not target or target.get("num_samples") != num_samples:
         return ""
+    if paper_steps and max_steps < paper_steps:
+        return "not judged: fewer steps than the paper"
     if "at_most" in target:
         return f"{'met' if mean <= target['at_most'] else 'MISSED'} (<= {target['at_most']})"
     return f"{'met' if mean >= target['at_least'] else 'MISSED'} (>= {target['at_least']})"
@@ -83,10 +87,12 @@ def markdown(rows: list[dict], metric: str, paper_steps: int | None) -> str:
         steps = f"{row['max_steps']}"
         if paper_steps and row["max_steps"] < paper_steps:
             steps += " (reduced)"
+        std = f"{row['std']:.2g}" if row["runs"] > 1 else "-"
+        wall = f"{row['wall_time_s']:.0f}" if row["wall_time_s"] >= 10 else \
+            f"{row['wall_time_s']:.2g}"
         lines.append(
-            f"| {row['num_samples']} | {steps} | {row['runs']} | {row['mean']:.5g} | "
-            f"{row['std']:.2g} | {row['min']:.5g} | {row['max']:.5g} | "
-            f"{row['wall_time_s']:.3g} | {row['target']} |")
+            f"| {row['num_samples']} | {steps} | {row['runs']} | {row['mean']:.5g} | {std} | "
+            f"{row['min']:.5g} | {row['max']:.5g} | {wall} | {row['target']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +152,7 @@ def aggregate(sweep_file: str | Path, sweeps_dir: str | Path, out: str | Path) -
     if not records:
         raise SweepError(f"no finished runs of sweep {sweep['name']} under {sweeps_dir}; "
                          f"run python -m engineer.sweep {sweep_file} first")
-    rows = summarize(records, sweep.get("target"))
+    rows = summarize(records, sweep.get("target"), sweep.get("paper_steps"))
     out = Path(out)
     _write_atomic(out / f"{sweep['name']}.md",
                   markdown(rows, metric, sweep.get("paper_steps")).encode())

@@ -33,7 +33,7 @@ def test_o5_regression_smoke_sweep_through_submitit_and_resumes(tmp_path):
     result = run_sweep("o5_regression", tmp_path, "--executor", "submitit-local")
     assert result.returncode == 0, result.stderr
     rows, table = check_outputs("o5_regression", tmp_path, tmp_path / "out", [30, 100], 2)
-    assert "met (<= 1000.0)" in table
+    assert "40 (reduced)" in table and "not judged: fewer steps than the paper" in table
     assert all(row["std"] > 0 for row in rows)  # the seeds differ
 
     # A second call finds every run finished and starts none.
@@ -118,3 +118,15 @@ def test_misspelled_option_fails_before_any_run(tmp_path):
     assert result.returncode == 2
     assert "trainer.max_stepz" in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_targets_are_judged_only_at_the_paper_step_count():
+    records = [{"num_samples": 100, "max_steps": steps, "seed": seed, "value": value,
+                "wall_time_s": 5.0}
+               for steps, seed, value in [(50, 0, 1.0), (50, 1, 3.0), (10, 0, 0.1)]]
+    target = {"num_samples": 100, "at_most": 2.5}
+    rows = aggregate.summarize(records, target, paper_steps=50)
+    assert [(row["max_steps"], row["mean"], row["target"]) for row in rows] == [
+        (10, 0.1, "not judged: fewer steps than the paper"), (50, 2.0, "met (<= 2.5)")]
+    assert aggregate.summarize(records[:2], {"num_samples": 100, "at_least": 2.5})[0][
+        "target"] == "MISSED (>= 2.5)"
