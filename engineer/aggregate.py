@@ -15,14 +15,13 @@ import io
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from engineer.sweep import SweepError, read_sweep
 from loggers.console import setup_console_logging
+from loggers.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -129,19 +128,7 @@ def plot(rows: list[dict], sweep: dict[str, Any], metric: str, path: Path) -> No
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     pyplot.close(figure)
-    _write_atomic(path, buffer.getvalue())
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(content)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def aggregate(sweep_file: str | Path, sweeps_dir: str | Path, out: str | Path) -> list[dict]:
@@ -154,13 +141,14 @@ def aggregate(sweep_file: str | Path, sweeps_dir: str | Path, out: str | Path) -
                          f"run python -m engineer.sweep {sweep_file} first")
     rows = summarize(records, sweep.get("target"), sweep.get("paper_steps"))
     out = Path(out)
-    _write_atomic(out / f"{sweep['name']}.md",
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / f"{sweep['name']}.md",
                   markdown(rows, metric, sweep.get("paper_steps")).encode())
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(out / f"{sweep['name']}.csv", text.getvalue().encode())
+    write_bytes_atomic(out / f"{sweep['name']}.csv", text.getvalue().encode())
     plot(rows, sweep, metric, out / f"{sweep['name']}.png")
     return rows
 
