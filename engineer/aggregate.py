@@ -104,11 +104,15 @@ def plot(rows: list[dict], sweep: dict[str, Any], metric: str, path: Path) -> No
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(5.5, 3.8), dpi=100)
-    for max_steps in sorted({row["max_steps"] for row in rows}, reverse=True):
-        chosen = [row for row in rows if row["max_steps"] == max_steps]
+    # One line per step count; without a fixed paper step count (it depends on the size),
+    # one line for all sizes.
+    fixed = sweep.get("paper_steps") is not None
+    for max_steps in sorted({row["max_steps"] if fixed else 0 for row in rows}, reverse=True):
+        chosen = [row for row in rows if not fixed or row["max_steps"] == max_steps]
+        steps = f"{max_steps} steps" if fixed else "the paper's steps per size"
         axes.errorbar([row["num_samples"] for row in chosen], [row["mean"] for row in chosen],
                       yerr=[row["std"] for row in chosen], marker="o", capsize=3,
-                      label=f"this repository, {max_steps} steps (mean ± std)")
+                      label=f"this repository, {steps} (mean ± std)")
     reference = sweep.get("reference")
     if reference:
         axes.scatter([reference["num_samples"]], [reference["value"]], marker="*", s=150,
