@@ -92,8 +92,9 @@ def read_sweep(path: str | Path) -> dict[str, Any]:
         raise SweepError(f"sweep file {path} does not exist; see configs/sweeps/ for examples")
     try:
         sweep = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SweepError(f"{path} is not valid YAML: {error}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SweepError(f"sweep file {path} is not valid YAML: {reason}") from None
     if not isinstance(sweep, dict):
         raise SweepError(f"{path} must hold a mapping with keys {sorted(SWEEP_KEYS)}")
     unknown = set(sweep) - SWEEP_KEYS

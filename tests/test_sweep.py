@@ -67,6 +67,9 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path):
     bad.write_text("experiment: o5_regression\ngird: {seed: [1]}\n")
     with pytest.raises(sweep.SweepError, match=r"unknown keys \['gird'\]"):
         sweep.read_sweep(bad)
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(sweep.SweepError, match="is not valid YAML"):
+        sweep.read_sweep(bad)
     bad.write_text("experiment: mnist\n")
     with pytest.raises(sweep.SweepError, match="experiment must be one of"):
         sweep.read_sweep(bad)
