@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from data.common import DataError
-from engineer import distributed
+from engineer import distributed, memory
 from engineer.checkpoint import CheckpointError, load_weights, read_checkpoint
 from engineer.config import (Config, ConfigError, HelpRequested, coerce, group_kind, parse,
                              signature_of)
@@ -110,6 +110,7 @@ def run(experiment: Experiment, config: Config) -> dict[str, Any]:
     trainer: Trainer = build(config, "trainer")
     if trainer.num_threads is not None:
         torch.set_num_threads(trainer.num_threads)
+    memory.keep_freed_memory()
 
     # Fail on an unwritable or full disk before spending time on data or training.
     if not trainer.test_only:
