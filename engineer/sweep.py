@@ -169,13 +169,19 @@ def execute(arguments: list[str], log_path: str) -> int:
 def run_local(jobs: list[tuple[Run, list[str]]], workers: int) -> dict[str, int]:
     """Run the jobs in ``workers`` processes; returns the exit status per run key."""
     statuses = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = {pool.submit(execute, arguments, str(run.base / "sweep.log")): run
                    for run, arguments in jobs}
         for future in concurrent.futures.as_completed(futures):
             run = futures[future]
             statuses[run.key] = future.result()
             logger.info("%s %s", "done" if statuses[run.key] == 0 else "FAILED", run.key)
+    except KeyboardInterrupt:
+        # Ctrl-C reached the running commands too; the queued ones must not start.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return statuses
 
 

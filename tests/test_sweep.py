@@ -1,8 +1,11 @@
 """Sweeps: the smoke version of each runs end to end, with its table, CSV and plot."""
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -111,6 +114,30 @@ def test_interrupted_runs_are_resumed_not_counted(tmp_path):
     (run_dir / "results.json").write_text('{"status": "finished"}')
     assert run.results() == run_dir / "results.json"
     assert run.interrupted_checkpoint() is None
+
+
+def test_ctrl_c_stops_the_sweep_and_starts_no_further_run(tmp_path):
+    # Long runs, one at a time: Ctrl-C (SIGINT to the terminal's process group) comes while
+    # the first one trains; the three queued ones must not start after it.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engineer.sweep", "configs/sweeps/smoke/o5_regression.yaml",
+         "--sweeps-dir", str(tmp_path), "--workers", "1", "--set", "trainer.max_steps=10000000",
+         "--set", "trainer.val_check_interval=100"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("**/metrics.jsonl")):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "interrupted; the same command continues it" in stderr
+    assert len(list(tmp_path.glob("**/sweep.log"))) == 1
 
 
 def test_misspelled_option_fails_before_any_run(tmp_path):
