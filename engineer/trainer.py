@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Options that change where or how fast a run goes, not its numbers.
 NEUTRAL_OPTIONS = {
     "trainer": {"device", "test_only", "checkpoint", "resume", "progress_bar", "runs_dir",
-                "log_every", "num_threads"},
+                "log_every", "num_threads", "compile"},
     "dataset": {"root", "eval_batch_size", "workers", "progress_bar"},
 }
 
@@ -102,6 +103,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)`` for training steps, one static graph per batch size."""
+    # Dynamo warns that it traces through the cached simplex constants instead of reading
+    # the cache; they depend only on the dimension, so tracing gives the same values.
+    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
+    return torch.compile(model, dynamic=False)
+
+
 class Trainer:
     """Trains and evaluates a model on a dataset for an experiment.
 
@@ -119,6 +128,9 @@ class Trainer:
         num_threads: CPU threads of this process (torch.set_num_threads); None keeps torch's
             choice. The networks are small, so one thread is usually fastest, and much faster
             when other processes share the cores.
+        compile: train through ``torch.compile`` (needs a C++ compiler on the CPU): the first
+            steps take tens of seconds to compile, after which a step of the small networks
+            is several times faster. Evaluation stays uncompiled.
     """
 
     def __init__(
@@ -134,6 +146,7 @@ class Trainer:
         runs_dir: str = "runs",
         log_every: int = 100,
         num_threads: int | None = None,
+        compile: bool = False,
     ):
         if dtype not in DTYPES:
             raise ConfigError(f"trainer.dtype={dtype!r}; accepted: {', '.join(DTYPES)}")
@@ -174,6 +187,7 @@ class Trainer:
         self.runs_dir = runs_dir
         self.log_every = log_every
         self.num_threads = num_threads
+        self.compile = compile
 
     # -----------------------------------------------------------------------------------------
     # Evaluation
@@ -303,6 +317,8 @@ class Trainer:
                 model, device_ids=[self.device] if self.device.type == "cuda" else None,
                 forward_sync_buffers=False,  # the model's buffers are constants
             )
+        if self.compile:
+            network = compiled(network)
         parameters = sum(parameter.numel() for parameter in model.parameters())
 
         def summary(status: str) -> dict[str, Any]:

@@ -215,3 +215,14 @@ def test_our_checkpoint_is_evaluated_on_the_data_it_was_trained_with(tmp_path, c
     assert "evaluating on the checkpoint's data options: dataset.num_samples=256, seed=3" in [
         r.getMessage() for r in caplog.records]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_compiled_training_follows_the_uncompiled_run(tmp_path):
+    # 256 samples in batches of 32: one batch size, so one compilation (tens of seconds).
+    options = ("--trainer.max_steps=64", "--trainer.val_check_interval=32")
+    eager = run_o5(tmp_path / "eager", *options)
+    compiled = run_o5(tmp_path / "compiled", *options, "--trainer.compile=True")
+    assert compiled["config"]["trainer"]["compile"] is True
+    for split in ("val", "test"):
+        assert compiled["best"][split]["loss"] == pytest.approx(eager["best"][split]["loss"],
+                                                                rel=1e-4)
