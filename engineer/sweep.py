@@ -17,7 +17,9 @@ Each run is one call of the experiment's entry script with ``--key=value`` optio
 base directory ``<sweep dir>/<run key>``, so a sweep knows which runs are done: those whose
 ``results.json`` says they finished. An interrupted run with a ``last.pt`` is resumed from it,
 one interrupted before its first checkpoint starts again; finished runs are skipped, so a
-sweep started again continues where it stopped.
+sweep started again continues where it stopped. Options that change only how a run goes, not
+its numbers (``trainer.compile``, ``trainer.num_threads``...), are left out of the key: the
+same sweep with ``--set trainer.compile=True`` continues the same runs, faster.
 
     python -m engineer.sweep configs/sweeps/o5_regression.yaml --workers 2
     python -m engineer.sweep configs/sweeps/hulls.yaml --executor slurm \
@@ -40,6 +42,7 @@ import yaml
 
 from engineer.config import ConfigError, HelpRequested, parse
 from engineer.experiments import EXPERIMENTS as EXPERIMENT_SETUPS
+from engineer.trainer import NEUTRAL_OPTIONS
 from loggers.console import setup_console_logging
 
 logger = logging.getLogger(__name__)
@@ -123,9 +126,16 @@ def expand(sweep: dict[str, Any], sweeps_dir: Path) -> list[Run]:
     for case in sweep.get("cases", [{}]):
         for values in itertools.product(*grid.values()):
             options = {**sweep.get("options", {}), **case, **dict(zip(grid, values))}
-            key = ",".join(f"{name}={_text(value)}" for name, value in sorted(options.items()))
+            key = ",".join(f"{name}={_text(value)}" for name, value in sorted(options.items())
+                           if not _neutral(name))
             runs.append(Run(key, options, sweeps_dir / sweep["name"] / key.replace("/", "_")))
     return runs
+
+
+def _neutral(name: str) -> bool:
+    """Whether option ``group.key`` leaves a run's numbers unchanged (see NEUTRAL_OPTIONS)."""
+    group, _, key = name.partition(".")
+    return key in NEUTRAL_OPTIONS.get(group, ())
 
 
 def _text(value: Any) -> str:

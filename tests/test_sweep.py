@@ -101,6 +101,16 @@ def test_only_and_set_select_and_change_runs(tmp_path):
     assert not any(tmp_path.iterdir())  # a dry run creates nothing
 
 
+def test_options_that_leave_the_numbers_alone_keep_the_run_key(tmp_path):
+    spec = sweep.read_sweep(REPO / "configs/sweeps/smoke/o5_regression.yaml")
+    faster = {**spec, "options": {**spec["options"], "trainer.compile": True,
+                                  "trainer.num_threads": 2}}
+    other = {**spec, "options": {**spec["options"], "trainer.max_steps": 41}}
+    keys = [[run.key for run in sweep.expand(s, tmp_path)] for s in (spec, faster, other)]
+    assert keys[0] == keys[1] and keys[0] != keys[2]
+    assert "--trainer.compile=True" in sweep.command(faster, sweep.expand(faster, tmp_path)[0])
+
+
 def test_interrupted_runs_are_resumed_not_counted(tmp_path):
     spec = sweep.read_sweep(REPO / "configs/sweeps/smoke/o5_regression.yaml")
     run = sweep.expand(spec, tmp_path)[0]
