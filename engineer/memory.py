@@ -3,8 +3,8 @@
 glibc's ``malloc`` serves large blocks with ``mmap`` and unmaps them on ``free``, so a step
 that allocates and frees tens of megabytes of activations maps, faults in and zeroes the same
 pages again at every step: about 12000 page faults and a third of the time of a hulls training
-step on the CPU. Serving those blocks from the heap, and keeping what is
-freed there, makes the next step reuse them. Peak memory does not grow: the heap holds what the step needed.
+step on the CPU. Serving those blocks from the heap, and keeping what is freed there, makes
+the next step reuse them. Peak memory does not grow: the heap holds what the step needed.
 """
 
 import ctypes
