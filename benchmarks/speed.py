@@ -6,16 +6,19 @@ without gradients), and the peak resident memory a training step adds, for the m
 ``tests/naive_reference.py`` (a batched stand-in for the published code that computes what it
 computes, the way it computes it). The model runs as the entry scripts run it, with fused Adam
 and freed memory kept in the process (``engineer/memory.py``); the naive one with torch's
-defaults. Each configuration runs in a fresh subprocess, so that the
-thread setting and ``ru_maxrss`` (the peak resident set size, a high-water mark) belong to it
-alone; memory is that peak after the timed steps minus the one before the first step.
+defaults. With ``--compiled`` the table also trains the model through ``torch.compile``
+(``trainer.compile=True``, not for the hulls network, see ``COMPILED_PRESETS``): the step
+time once compiled, and how long compiling took. Each
+configuration runs in a fresh subprocess, so that the thread setting and ``ru_maxrss`` (the
+peak resident set size, a high-water mark) belong to it alone; memory is that peak after the
+timed steps minus the one before the first step.
 
 Table 2: one layer of spheres over the space dimension ``n`` and the number of spheres ``K``
 (4 input channels, ``K / 4`` spheres each, 32 samples of 16 points): time to build the filter
 banks, and a forward and backward pass, for both implementations. The naive one is skipped
 where its dense matrices would take more than 100 MB.
 
-Usage: ``python -m benchmarks.speed [--quick] [--threads 1 2] [--steps 200]``.
+Usage: ``python -m benchmarks.speed [--quick] [--threads 1 2] [--steps 200] [--compiled]``.
 """
 
 import argparse
@@ -36,6 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from engineer.memory import keep_freed_memory  # noqa: E402
+from engineer.trainer import compiled  # noqa: E402
 from models.deepspheres import DEH_hulls, DEH_o5reg, DEH_skeletons  # noqa: E402
 from models.hyperspheres import EquivariantHyperspheres  # noqa: E402
 from tests import naive_reference as naive  # noqa: E402
@@ -48,6 +52,10 @@ SCALING_SPHERES = (8, 64, 512)
 SCALING_CHANNELS = 4
 # Largest dense (K, n + 1, n + 2, n + 2) float64 tensor the naive filter banks may build.
 NAIVE_MAX_BYTES = 100e6
+# Presets that --compiled trains through torch.compile. The hulls network is left out: tracing
+# its sorting network (a Python loop of 63 comparators in a custom autograd function) did not
+# finish within 15 minutes here.
+COMPILED_PRESETS = ("O(5) regression", "O(3) skeletons")
 # Run every measurement in its own subprocess (see run_child).
 ISOLATED = True
 
@@ -80,10 +88,16 @@ def measure_preset(preset: str, implementation: str, threads: int, steps: int,
     torch.manual_seed(0)
     build, batch = PRESETS[preset]
     model = build()
-    ours = implementation == "model"
+    ours = implementation != "naive"
     if ours:
         keep_freed_memory()
     forward = model if ours else (lambda x: naive.naive_forward(model, x))
+    compile_time = None
+    if implementation == "compiled":
+        forward = compiled(model)
+        started = time.perf_counter()
+        forward(points).square().mean().backward()
+        compile_time = time.perf_counter() - started
     points = torch.randn(batch, model.num_points, model.space_dim)
     targets = torch.randn(batch, model.linear2.out_features)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=ours or None)
@@ -97,6 +111,8 @@ def measure_preset(preset: str, implementation: str, threads: int, steps: int,
     before = peak_rss_mib()
     step_time = median_time(train_step, steps, warmup)
     memory = peak_rss_mib() - before
+    if compile_time is not None:  # inference would compile another graph
+        return {"step_ms": step_time * 1e3, "compile_s": compile_time}
     with torch.no_grad():
         inference_time = median_time(lambda: forward(points), steps, warmup)
     return {"step_ms": step_time * 1e3, "samples_per_s": batch / inference_time,
@@ -145,22 +161,32 @@ def run_child(task: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def preset_table(threads: list[int], steps: int, warmup: int) -> str:
-    lines = ["| preset | batch | threads | model step (ms) | naive step (ms) | step speed-up "
-             "| model inference (samples/s) | naive inference (samples/s) "
-             "| model memory (MiB) | naive memory (MiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def preset_table(threads: list[int], steps: int, warmup: int, with_compiled: bool) -> str:
+    header = ("| preset | batch | threads | model step (ms) | naive step (ms) | step speed-up "
+              "| model inference (samples/s) | naive inference (samples/s) "
+              "| model memory (MiB) | naive memory (MiB) |")
+    if with_compiled:
+        header += " compiled step (ms) | compiled speed-up | compile time (s) |"
+    lines = [header, "|" + " --- |" * 3 + " ---: |" * (header.count("|") - 4)]
     for preset, (_, batch) in PRESETS.items():
+        implementations = IMPLEMENTATIONS + (
+            ("compiled",) if with_compiled and preset in COMPILED_PRESETS else ())
         for count in threads:
             results = {implementation: run_child(dict(
                 kind="preset", preset=preset, implementation=implementation, threads=count,
-                steps=steps, warmup=warmup)) for implementation in IMPLEMENTATIONS}
+                steps=steps, warmup=warmup)) for implementation in implementations}
             fast, slow = results["model"], results["naive"]
-            lines.append(
-                f"| {preset} | {batch} | {count} | {fast['step_ms']:.2f} | "
-                f"{slow['step_ms']:.2f} | {slow['step_ms'] / fast['step_ms']:.1f}x | "
-                f"{fast['samples_per_s']:,.0f} | {slow['samples_per_s']:,.0f} | "
-                f"{fast['memory_mib']:.1f} | {slow['memory_mib']:.1f} |")
+            line = (f"| {preset} | {batch} | {count} | {fast['step_ms']:.2f} | "
+                    f"{slow['step_ms']:.2f} | {slow['step_ms'] / fast['step_ms']:.1f}x | "
+                    f"{fast['samples_per_s']:,.0f} | {slow['samples_per_s']:,.0f} | "
+                    f"{fast['memory_mib']:.1f} | {slow['memory_mib']:.1f} |")
+            if with_compiled and "compiled" not in results:
+                line += " - | - | - |"
+            elif with_compiled:
+                ahead = results["compiled"]
+                line += (f" {ahead['step_ms']:.2f} | {slow['step_ms'] / ahead['step_ms']:.1f}x | "
+                         f"{ahead['compile_s']:.0f} |")
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -209,6 +235,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     parser.add_argument("--tables", nargs="+", choices=["presets", "scaling"],
                         default=["presets", "scaling"], help="which tables to print")
+    parser.add_argument("--compiled", action="store_true",
+                        help="add training steps through torch.compile (trainer.compile) to "
+                        "table 1; each configuration compiles for tens of seconds first")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -227,7 +256,7 @@ def main(argv=None):
     if "presets" in args.tables:
         print(f"\nTraining step and inference, median of {steps} after {warmup} warm-up "
               "steps:\n")
-        print(preset_table(args.threads, steps, warmup), flush=True)
+        print(preset_table(args.threads, steps, warmup, args.compiled), flush=True)
     if "scaling" in args.tables:
         print(f"\nOne layer, {SCALING_CHANNELS} input channels, batch 32 of 16 points, one "
               f"thread (median of {steps}):\n")
