@@ -92,14 +92,14 @@ def measure_preset(preset: str, implementation: str, threads: int, steps: int,
     if ours:
         keep_freed_memory()
     forward = model if ours else (lambda x: naive.naive_forward(model, x))
+    points = torch.randn(batch, model.num_points, model.space_dim)
+    targets = torch.randn(batch, model.linear2.out_features)
     compile_time = None
     if implementation == "compiled":
         forward = compiled(model)
         started = time.perf_counter()
         forward(points).square().mean().backward()
         compile_time = time.perf_counter() - started
-    points = torch.randn(batch, model.num_points, model.space_dim)
-    targets = torch.randn(batch, model.linear2.out_features)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=ours or None)
 
     def train_step():
@@ -157,7 +157,10 @@ def run_child(task: dict) -> dict:
         kind = task.pop("kind")
         return measure_preset(**task) if kind == "preset" else measure_scaling(**task)
     command = [sys.executable, "-m", "benchmarks.speed", "--child", json.dumps(task)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    # Compile from scratch, as a first run does, rather than from inductor's on-disk cache.
+    environment = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True,
+                          env=environment)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
