@@ -69,10 +69,9 @@ class _PooledSortedGram(torch.autograd.Function):
     runs on slices that span all matrices at once, each operation a single pass over memory:
     the Gram matrix accumulates one outer product per vector dimension, and a sorting network
     of element-wise minima and maxima sorts the rows. Gram matrices are symmetric, so slice
-    ``r`` of the first dimension holds element ``r`` of every row. Each comparator writes its
-    maximum to a spare slice, which then takes the place of the larger input, so nothing is
-    copied back. The backward runs the network in reverse, moving each gradient back to where
-    its value came from by the swaps the forward recorded.
+    ``r`` of the first dimension holds element ``r`` of every row. The backward runs the
+    network in reverse, routing each gradient to where its value came from by the swaps the
+    forward recorded.
     """
 
     @staticmethod
@@ -86,10 +85,9 @@ class _PooledSortedGram(torch.autograd.Function):
         for column in vectors[1:]:
             gram.addcmul_(column[:, None], column[None])
 
-        # Sort every row: slot where[r] holds element r of each row, (N, rest). Swaps are
-        # stored as 0 or 1 in the values' dtype, the fastest to write and to use.
+        # Sort every row in place: slot where[r] holds element r of each row, (N, rest).
         where, spare = list(range(num_rows)), num_rows
-        swaps = (vectors.new_empty(len(pairs), num_rows, *rest)
+        swaps = (vectors.new_empty(len(pairs), num_rows, *rest, dtype=torch.uint8)
                  if ctx.needs_input_grad[0] else None)
         for k, (i, j) in enumerate(pairs):
             low, high = slots[where[i]], slots[where[j]]
@@ -98,7 +96,7 @@ class _PooledSortedGram(torch.autograd.Function):
             torch.maximum(low, high, out=slots[spare])
             torch.minimum(low, high, out=low)
             where[j], spare = spare, where[j]
-        ordered = torch.stack([slots[slot] for slot in where])  # (position, row, rest)
+        ordered = slots[where]  # (position, row, rest)
         top = ordered.amax(dim=1)
         ctx.save_for_backward(vectors, ordered, top, swaps)
         return top, ordered.mean(dim=1)
@@ -108,25 +106,20 @@ class _PooledSortedGram(torch.autograd.Function):
         vectors, ordered, top, swaps = ctx.saved_tensors
         num_rows = ordered.shape[1]
 
-        # Gradient at each sorted position; the maximum's is shared among tied rows. Slots as
-        # in the forward: slot where[r] holds position r, the last one is spare.
-        ties = torch.eq(ordered, top.unsqueeze(1), out=torch.empty_like(ordered))
-        share = (grad_top / ties.sum(dim=1)).unsqueeze(1)
-        grad = ordered.new_empty(num_rows + 1, *ordered.shape[1:])
-        torch.mul(ties, share, out=grad[:num_rows]).add_((grad_mean / num_rows).unsqueeze(1))
+        # Gradient at each sorted position; the maximum's is shared among tied rows.
+        grad = torch.eq(ordered, top.unsqueeze(1), out=torch.empty_like(ordered))
+        grad.mul_((grad_top / grad.sum(dim=1)).unsqueeze(1))
+        grad.add_((grad_mean / num_rows).unsqueeze(1))
 
-        # Undo the comparators in reverse order: where one swapped, swap the gradients back
-        # (lerp with a weight of 0 or 1 picks one of its two inputs).
-        where, spare = list(range(num_rows)), num_rows
+        # Undo the comparators in reverse order, giving the gradient of the Gram matrices.
+        moved = torch.empty_like(grad[0])
         pairs = sorting_network(num_rows)
         for k in reversed(range(len(pairs))):
             i, j = pairs[k]
-            low, high = grad[where[i]], grad[where[j]]
-            torch.lerp(high, low, swaps[k], out=grad[spare])
-            torch.lerp(low, high, swaps[k], out=low)
-            where[j], spare = spare, where[j]
-        grad_gram = torch.stack([grad[slot] for slot in where])
-        grad_gram = grad_gram + grad_gram.transpose(0, 1)
+            torch.sub(grad[j], grad[i], out=moved).mul_(swaps[k])
+            grad[i].add_(moved)
+            grad[j].sub_(moved)
+        grad_gram = grad + grad.transpose(0, 1)
 
         # Through the Gram matrices: grad_vectors[:, p] = sum_q grad_gram[p, q] vectors[:, q].
         grad_vectors = torch.zeros_like(vectors)
