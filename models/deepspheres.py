@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from models import native
 from models.hyperspheres import EquivariantHyperspheres
 
 # Keeps the normalization's denominator away from zero.
@@ -259,11 +260,23 @@ class DeepSpheres(nn.Module):
             Responses, shape ``(batch, num_points, channels, space_dim + depth)``.
         """
         self._check_input(points)
+        if native.usable(points):
+            return native.from_lanes(self._native_features(points), self.num_points)
         y = points.unsqueeze(2)  # (batch, points, 1, n)
         for layer, bias, normalize in zip(self.spheres, self.biases, self.norm_layers):
             y = layer(y)  # (batch, points, channels, dim)
             y = y + bias.view(-1, y.shape[2], 1)
             y = normalize(y)
+        return y
+
+    def _native_features(self, points: torch.Tensor) -> torch.Tensor:
+        """:meth:`equivariant_features` through the CPU kernels, in their layout
+        ``(batch, channels, space_dim + depth, lanes)`` (see :mod:`models.native`)."""
+        y = native.to_lanes(points)
+        for layer, bias, normalize in zip(self.spheres, self.biases, self.norm_layers):
+            y = native.sphere_block(y, layer.filter_bank().to(y.dtype), bias.view(-1).to(y.dtype),
+                                    torch.sigmoid(normalize.a).to(y.dtype), self.num_points,
+                                    normalize.pool_points, normalize.grad_through_norm)
         return y
 
     def invariant_features(self, points: torch.Tensor) -> torch.Tensor:
@@ -277,6 +290,10 @@ class DeepSpheres(nn.Module):
             (statistic, column, channel), or ``(batch, channels * num_points (num_points + 1)
             / 2)`` for sequences, ordered by (upper-triangle entry, channel).
         """
+        self._check_input(points)
+        if native.usable(points) and self.permutation_invariant:
+            y = self._native_features(points)
+            return native.sorted_gram_readout(y, self.num_points).flatten(1)
         y = self.equivariant_features(points)
         if self.permutation_invariant:
             pooled = torch.stack(pooled_sorted_gram(y.permute(3, 1, 0, 2)))  # (2, q, batch, c)
