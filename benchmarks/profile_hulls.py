@@ -5,7 +5,9 @@ memory kept as the entry scripts keep it) into phases timed one after the other:
 layers with their biases and normalizations, the readout (Gram matrices, sorted rows, pooling),
 the head and loss, the backward pass, and the optimizer step. The backward pass is timed as a
 whole; the readout's share of it is timed again on its own, from the same inputs and output
-gradients. Table 2 lists the operators with the most self time under ``torch.profiler``.
+gradients. Table 2 lists the operators with the most self time under ``torch.profiler``. The
+step runs on the compiled CPU kernels of ``models/native.py`` unless the environment variable
+``DEEPSPHERES_NATIVE=0`` turns them off.
 
 Usage: ``python -m benchmarks.profile_hulls [--steps 50] [--threads 1]``.
 """
@@ -23,6 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from engineer.memory import keep_freed_memory  # noqa: E402
+from models import native  # noqa: E402
 from models.deepspheres import DEH_hulls, pooled_sorted_gram  # noqa: E402
 
 BATCH = 128
@@ -41,11 +44,17 @@ def cut_backward(model, points: torch.Tensor, targets: torch.Tensor, lap) -> Non
     parameters get the same gradients as from one uncut backward. ``lap(name)`` is called as
     each phase ends.
     """
-    y = model.equivariant_features(points)  # (batch, points, channels, dim)
-    lap("sphere layers, forward")
-    y_cut = detached(y)
-    pooled = torch.stack(pooled_sorted_gram(y_cut.permute(3, 1, 0, 2)))
-    features = pooled.permute(2, 0, 1, 3).flatten(1)  # (batch, features)
+    if native.usable(points):  # the compiled kernels, in their layout
+        y = model.native_features(points)  # (batch, channels, dim, lanes)
+        lap("sphere layers, forward")
+        y_cut = detached(y)
+        features = native.sorted_gram_readout(y_cut, model.num_points).flatten(1)
+    else:
+        y = model.equivariant_features(points)  # (batch, points, channels, dim)
+        lap("sphere layers, forward")
+        y_cut = detached(y)
+        pooled = torch.stack(pooled_sorted_gram(y_cut.permute(3, 1, 0, 2)))
+        features = pooled.permute(2, 0, 1, 3).flatten(1)  # (batch, features)
     lap("readout, forward")
     features_cut = detached(features)
     output = model.linear2(torch.nn.functional.silu(model.linear1(features_cut)))

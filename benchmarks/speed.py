@@ -2,21 +2,23 @@
 
 Table 1, per preset at the paper's batch size and per number of threads: the median time of a
 training step (forward, backward, Adam step) after a warm-up, inference throughput (forward
-without gradients), and the peak resident memory a training step adds, for the model and for
-``tests/naive_reference.py`` (a batched stand-in for the published code that computes what it
+without gradients), and the peak resident memory a training step adds, for the model (on the
+compiled CPU kernels of ``models/native.py``), for the model on its tensor code alone (kernels
+switched off), and for ``tests/naive_reference.py`` (a batched stand-in for the published code that computes what it
 computes, the way it computes it). The model runs as the entry scripts run it, with fused Adam
 and freed memory kept in the process (``engineer/memory.py``); the naive one with torch's
 defaults. With ``--compiled`` the table also trains the model through ``torch.compile``
-(``trainer.compile=True``, not for the hulls network, see ``COMPILED_PRESETS``): the step
-time once compiled, and how long compiling took. Each
+(``trainer.compile=True``, with the kernels): the step time once compiled, and how long
+compiling took. Each
 configuration runs in a fresh subprocess, so that the thread setting and ``ru_maxrss`` (the
 peak resident set size, a high-water mark) belong to it alone; memory is that peak after the
 timed steps minus the one before the first step.
 
 Table 2: one layer of spheres over the space dimension ``n`` and the number of spheres ``K``
 (4 input channels, ``K / 4`` spheres each, 32 samples of 16 points): time to build the filter
-banks, and a forward and backward pass, for both implementations. The naive one is skipped
-where its dense matrices would take more than 100 MB.
+banks, and a forward and backward pass, for both implementations, and the kernel's block (the
+layer with its bias and normalization) forward and backward. The naive one is skipped where
+its dense matrices would take more than 100 MB.
 
 Usage: ``python -m benchmarks.speed [--quick] [--threads 1 2] [--steps 200] [--compiled]``.
 """
@@ -40,22 +42,19 @@ if str(REPO) not in sys.path:
 
 from engineer.memory import keep_freed_memory  # noqa: E402
 from engineer.trainer import compiled  # noqa: E402
+from models import native  # noqa: E402
 from models.deepspheres import DEH_hulls, DEH_o5reg, DEH_skeletons  # noqa: E402
 from models.hyperspheres import EquivariantHyperspheres  # noqa: E402
 from tests import naive_reference as naive  # noqa: E402
 
 PRESETS = {"O(5) regression": (DEH_o5reg, 32), "O(5) hulls": (DEH_hulls, 128),
            "O(3) skeletons": (DEH_skeletons, 32)}
-IMPLEMENTATIONS = ("model", "naive")
+IMPLEMENTATIONS = ("model", "tensors", "naive")
 SCALING_DIMS = (3, 5, 8, 16, 32, 64)
 SCALING_SPHERES = (8, 64, 512)
 SCALING_CHANNELS = 4
 # Largest dense (K, n + 1, n + 2, n + 2) float64 tensor the naive filter banks may build.
 NAIVE_MAX_BYTES = 100e6
-# Presets that --compiled trains through torch.compile. The hulls network is left out: tracing
-# its sorting network (a Python loop of 63 comparators in a custom autograd function) did not
-# finish within 15 minutes here.
-COMPILED_PRESETS = ("O(5) regression", "O(3) skeletons")
 # Run every measurement in its own subprocess (see run_child).
 ISOLATED = True
 
@@ -86,6 +85,8 @@ def measure_preset(preset: str, implementation: str, threads: int, steps: int,
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    os.environ[native.ENVIRONMENT_SWITCH] = "0" if implementation == "tensors" else "1"
+    native.reset()
     build, batch = PRESETS[preset]
     model = build()
     ours = implementation != "naive"
@@ -124,12 +125,21 @@ def measure_scaling(n: int, num_spheres: int, implementation: str, steps: int,
     """Filter-bank time and layer forward-and-backward time of one layer, one thread."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    if implementation == "model":
+    if implementation != "naive":
         keep_freed_memory()
     layer = EquivariantHyperspheres(n, SCALING_CHANNELS, num_spheres // SCALING_CHANNELS)
     points = torch.randn(32, 16, SCALING_CHANNELS, n)
     if implementation == "model":
         banks, forward = layer.filter_bank, layer
+    elif implementation == "kernel":
+        # The layer with a bias and the normalization, in the kernels' layout.
+        points = points.permute(0, 2, 3, 1).contiguous()  # (batch, channels, n, 16 lanes)
+        bias = torch.zeros(num_spheres, requires_grad=True)
+        gates = torch.full((num_spheres,), 0.5)
+        banks = layer.filter_bank
+
+        def forward(x):
+            return native.sphere_block(x, banks(), bias, gates, 16, pool_points=True)
     else:
         def banks():
             return naive.dense_filter_banks(layer.spheres())
@@ -165,27 +175,25 @@ def run_child(task: dict) -> dict:
 
 
 def preset_table(threads: list[int], steps: int, warmup: int, with_compiled: bool) -> str:
-    header = ("| preset | batch | threads | model step (ms) | naive step (ms) | step speed-up "
+    header = ("| preset | batch | threads | model step (ms) | tensor-code step (ms) "
+              "| naive step (ms) | step speed-up "
               "| model inference (samples/s) | naive inference (samples/s) "
               "| model memory (MiB) | naive memory (MiB) |")
     if with_compiled:
         header += " compiled step (ms) | compiled speed-up | compile time (s) |"
     lines = [header, "|" + " --- |" * 3 + " ---: |" * (header.count("|") - 4)]
     for preset, (_, batch) in PRESETS.items():
-        implementations = IMPLEMENTATIONS + (
-            ("compiled",) if with_compiled and preset in COMPILED_PRESETS else ())
+        implementations = IMPLEMENTATIONS + (("compiled",) if with_compiled else ())
         for count in threads:
             results = {implementation: run_child(dict(
                 kind="preset", preset=preset, implementation=implementation, threads=count,
                 steps=steps, warmup=warmup)) for implementation in implementations}
             fast, slow = results["model"], results["naive"]
             line = (f"| {preset} | {batch} | {count} | {fast['step_ms']:.2f} | "
-                    f"{slow['step_ms']:.2f} | {slow['step_ms'] / fast['step_ms']:.1f}x | "
+                    f"{results['tensors']['step_ms']:.2f} | {slow['step_ms']:.2f} | {slow['step_ms'] / fast['step_ms']:.1f}x | "
                     f"{fast['samples_per_s']:,.0f} | {slow['samples_per_s']:,.0f} | "
                     f"{fast['memory_mib']:.1f} | {slow['memory_mib']:.1f} |")
-            if with_compiled and "compiled" not in results:
-                line += " - | - | - |"
-            elif with_compiled:
+            if with_compiled:
                 ahead = results["compiled"]
                 line += (f" {ahead['step_ms']:.2f} | {slow['step_ms'] / ahead['step_ms']:.1f}x | "
                          f"{ahead['compile_s']:.0f} |")
@@ -195,12 +203,14 @@ def preset_table(threads: list[int], steps: int, warmup: int, with_compiled: boo
 
 def scaling_table(dims, spheres, steps: int, warmup: int) -> str:
     lines = ["| n | spheres K | model banks (ms) | naive banks (ms) | model layer fwd+bwd (ms) "
-             "| naive layer fwd+bwd (ms) | layer speed-up |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| naive layer fwd+bwd (ms) | layer speed-up | kernel block fwd+bwd (ms) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n in dims:
         for num_spheres in spheres:
-            fast = run_child(dict(kind="scaling", n=n, num_spheres=num_spheres,
-                                  implementation="model", steps=steps, warmup=warmup))
+            fast, kernel = (run_child(dict(kind="scaling", n=n, num_spheres=num_spheres,
+                                           implementation=implementation, steps=steps,
+                                           warmup=warmup))
+                            for implementation in ("model", "kernel"))
             dense_bytes = num_spheres * (n + 1) * (n + 2) ** 2 * 8
             if dense_bytes <= NAIVE_MAX_BYTES:
                 slow = run_child(dict(kind="scaling", n=n, num_spheres=num_spheres,
@@ -210,7 +220,8 @@ def scaling_table(dims, spheres, steps: int, warmup: int) -> str:
             else:
                 naive_bank = naive_layer = ratio = "skipped"
             lines.append(f"| {n} | {num_spheres} | {fast['bank_ms']:.3f} | {naive_bank} | "
-                         f"{fast['layer_ms']:.2f} | {naive_layer} | {ratio} |")
+                         f"{fast['layer_ms']:.2f} | {naive_layer} | {ratio} | "
+                         f"{kernel['layer_ms']:.2f} |")
     return "\n".join(lines)
 
 

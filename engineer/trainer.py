@@ -34,6 +34,7 @@ from engineer.checkpoint import CheckpointError, load_weights, read_checkpoint
 from engineer.config import Config, ConfigError
 from engineer.experiments import Experiment
 from loggers.run_directory import RunDirectory, RunDirectoryError
+from models import native
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def compiled(model: nn.Module) -> nn.Module:
     # Dynamo warns that it traces through the cached simplex constants instead of reading
     # the cache; they depend only on the dimension, so tracing gives the same values.
     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
+    native.available()  # load the CPU kernels now: a build is not something to trace
     return torch.compile(model, dynamic=False)
 
 

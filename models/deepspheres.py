@@ -261,7 +261,7 @@ class DeepSpheres(nn.Module):
         """
         self._check_input(points)
         if native.usable(points):
-            return native.from_lanes(self._native_features(points), self.num_points)
+            return native.from_lanes(self.native_features(points), self.num_points)
         y = points.unsqueeze(2)  # (batch, points, 1, n)
         for layer, bias, normalize in zip(self.spheres, self.biases, self.norm_layers):
             y = layer(y)  # (batch, points, channels, dim)
@@ -269,7 +269,7 @@ class DeepSpheres(nn.Module):
             y = normalize(y)
         return y
 
-    def _native_features(self, points: torch.Tensor) -> torch.Tensor:
+    def native_features(self, points: torch.Tensor) -> torch.Tensor:
         """:meth:`equivariant_features` through the CPU kernels, in their layout
         ``(batch, channels, space_dim + depth, lanes)`` (see :mod:`models.native`)."""
         y = native.to_lanes(points)
@@ -291,14 +291,25 @@ class DeepSpheres(nn.Module):
             / 2)`` for sequences, ordered by (upper-triangle entry, channel).
         """
         self._check_input(points)
-        if native.usable(points) and self.permutation_invariant:
-            y = self._native_features(points)
-            return native.sorted_gram_readout(y, self.num_points).flatten(1)
+        if native.usable(points):
+            y = self.native_features(points)  # (batch, channels, dim, lanes)
+            if self.permutation_invariant and y.shape[-1] <= native.FAST_READOUT_LANES:
+                return native.sorted_gram_readout(y, self.num_points).flatten(1)
+            if self.permutation_invariant:
+                y = native.from_lanes(y, self.num_points)
+                pooled = torch.stack(pooled_sorted_gram(y.permute(3, 1, 0, 2)))
+                return pooled.permute(2, 0, 1, 3).flatten(1)
+            y = y[..., :self.num_points]
+            return self._triangle(y.transpose(2, 3) @ y)
         y = self.equivariant_features(points)
         if self.permutation_invariant:
             pooled = torch.stack(pooled_sorted_gram(y.permute(3, 1, 0, 2)))  # (2, q, batch, c)
             return pooled.permute(2, 0, 1, 3).flatten(1)
-        gram = torch.einsum("bpcd,bqcd->bcpq", y, y)  # (batch, channels, points, points)
+        return self._triangle(torch.einsum("bpcd,bqcd->bcpq", y, y))
+
+    def _triangle(self, gram: torch.Tensor) -> torch.Tensor:
+        """Upper triangles of Gram matrices ``(batch, channels, points, points)`` as features
+        ``(batch, entries * channels)``, ordered by (entry, channel)."""
         last = self.num_points - 1
         if last > 0:
             # Weigh the corner entry like the symmetric pair it stands for.

@@ -10,13 +10,12 @@ sample at a time in buffers that stay in the processor's caches:
 
 They give the numbers of the tensor code in :mod:`models.deepspheres` up to rounding, which
 the tests check, and are used for CPU tensors that need them. The kernels are compiled with
-``torch.utils.cpp_extension`` the first time they are needed, which takes about half a minute
+``torch.utils.cpp_extension`` the first time they are needed, which takes a few minutes
 and needs a C++ compiler; the build is kept in ``$TORCH_EXTENSIONS_DIR`` (by default
 ``~/.cache/torch_extensions``) and reused by later processes. Without a compiler, or with the
 environment variable ``DEEPSPHERES_NATIVE=0``, the network runs on the tensor code alone.
 """
 
-import functools
 import hashlib
 import logging
 import os
@@ -33,22 +32,23 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "deepspheres_cpu.cpp"
 ENVIRONMENT_SWITCH = "DEEPSPHERES_NATIVE"
 # Largest number of points per sample that the kernels take.
 MAX_POINTS = 32
+FAST_READOUT_LANES = 16
 
 
-def _cpu_key() -> str:
-    """A short hash of this processor's model and instruction sets.
+def _build_name() -> str:
+    """The build's name: a short hash of the source and of this processor.
 
-    The kernels are compiled for the processor they are built on, so the build's name carries
-    this key: machines that share a home directory but not a processor get separate builds.
+    The kernels are compiled for the processor they are built on, and checkouts with other
+    versions of the source may share one build directory, so each pair gets its own build.
     """
-    description = platform.machine() + platform.processor()
+    description = platform.machine() + platform.processor() + SOURCE.read_text()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             description += "".join(sorted({line for line in cpuinfo
                                            if line.startswith(("flags", "model name"))}))
     except OSError:
         pass
-    return hashlib.sha1(description.encode()).hexdigest()[:10]
+    return "deepspheres_cpu_" + hashlib.sha1(description.encode()).hexdigest()[:12]
 
 
 def _compiler_flags() -> list[str]:
@@ -60,15 +60,36 @@ def _compiler_flags() -> list[str]:
     return flags
 
 
-@functools.cache
+# Whether the kernels are loaded: None until available() first looks.
+_loaded: bool | None = None
+
+
 def available() -> bool:
-    """Build (or load the kept build of) the kernels; False where that is not possible."""
+    """Build (or load the kept build of) the kernels; False where that is not possible.
+
+    The answer is kept in a module variable rather than a functools cache, so that
+    ``torch.compile`` reads it as a constant instead of tracing the build.
+    """
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
+
+
+def reset() -> None:
+    """Forget the answer of :func:`available`, so that the next call reads the environment
+    variable ``DEEPSPHERES_NATIVE`` again (for tests and benchmarks in one process)."""
+    global _loaded
+    _loaded = None
+
+
+def _load() -> bool:
     if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
         return False
     from torch.utils import cpp_extension
 
-    name = f"deepspheres_cpu_{_cpu_key()}"
-    logger.info("loading the CPU kernels %s (compiled on first use, about half a minute)", name)
+    name = _build_name()
+    logger.info("loading the CPU kernels %s (compiled on first use, a few minutes)", name)
     flags = _compiler_flags()
     try:
         cpp_extension.load(name, sources=[str(SOURCE)], extra_cflags=flags,

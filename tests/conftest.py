@@ -26,3 +26,17 @@ def reference_dir() -> Path:
 @pytest.fixture
 def skeletons_dir() -> Path:
     return require(SKELETONS)
+
+
+@pytest.fixture(params=["kernels", "tensors"])
+def code_path(request, monkeypatch) -> str:
+    """Run a test twice: on the compiled CPU kernels of :mod:`models.native` and on the tensor
+    code alone. The kernels' run is skipped where they cannot be built (no C++ compiler);
+    ``tests/test_native.py`` fails instead when a compiler is present."""
+    from models import native
+
+    if request.param == "tensors":
+        monkeypatch.setattr(native, "usable", lambda points: False)
+    elif not native.available():
+        pytest.skip("the CPU kernels could not be built on this machine (see the log)")
+    return request.param

@@ -1,5 +1,7 @@
 """The DeepSpheres network: invariance, the plain reference, the released checkpoints."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,8 @@ CONFIGS = [pytest.param(preset(), id=name) for name, preset in PRESETS.items()] 
 
 
 def perturb(model: DeepSpheres, seed: int) -> DeepSpheres:
-    """Give biases and gates random values, so that their part in the network is tested."""
+    """A copy with random biases and gates, so that their part in the network is tested."""
+    model = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in [*model.biases, *(norm.a for norm in model.norm_layers)]:
@@ -38,7 +41,7 @@ def random_points(model: DeepSpheres, batch: int, generator, dtype=torch.float64
 
 
 @pytest.mark.parametrize("model", CONFIGS)
-def test_model_is_invariant_in_float64(model):
+def test_model_is_invariant_in_float64(model, code_path):
     torch.manual_seed(0)
     model = perturb(model, 1).double()
     generator = torch.Generator().manual_seed(2)
@@ -53,7 +56,7 @@ def test_model_is_invariant_in_float64(model):
 
 
 @pytest.mark.parametrize("model", CONFIGS)
-def test_model_is_invariant_in_float32(model):
+def test_model_is_invariant_in_float32(model, code_path):
     model = perturb(model, 3)
     generator = torch.Generator().manual_seed(4)
     points = random_points(model, 8, generator, torch.float32)
@@ -73,7 +76,7 @@ def test_ordered_model_is_not_permutation_invariant():
 
 
 @pytest.mark.parametrize("model", CONFIGS)
-def test_model_matches_plain_reference(model):
+def test_model_matches_plain_reference(model, code_path):
     model = perturb(model, 7).double()
     points = random_points(model, 2, torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -135,7 +138,7 @@ def load_reference(reference_dir, checkpoint, preset):
 
 @pytest.mark.parametrize("name,checkpoint,preset", CHECKPOINTS)
 def test_released_checkpoints_reproduce_reference_outputs(reference_dir, name, checkpoint,
-                                                          preset):
+                                                          preset, code_path):
     model = load_reference(reference_dir, checkpoint, preset)
     data = np.load(reference_dir / "outputs" / f"{name}.npz")
     points = torch.from_numpy(data["inputs"]).reshape(-1, model.num_points, model.space_dim)

@@ -4,6 +4,8 @@
 //   the gated normalization;
 // - sorted_gram_readout: per sample and channel, the Gram matrix of the points' responses,
 //   every row sorted ascending, then the maximum and the mean over the rows at each position.
+//   It takes up to 16 points: for 32 lanes GCC's code for the 191 comparators spilled the
+//   vectors to memory and was slower than torch.sort, which the Python side uses instead.
 //
 // Layout. Tensors keep the points last, padded to L lanes (16 or 32): points (B, C, n, L),
 // responses (B, K, n + 1, L), norms (B, K, L), where B is the batch, N <= L the number of
@@ -100,14 +102,18 @@ struct Lanes {
   }
 };
 
-// Runs Kernel<scalar_t, L>::run(args...) with the smallest lane count L that the padded
-// tensor `padded` has as its last dimension, for its dtype.
-template <template <typename, int> class Kernel, typename... Args>
+// Runs Kernel<scalar_t, L>::run(args...) with the lane count L that the padded tensor
+// `padded` has as its last dimension, for its dtype. Kernels with kSixteenOnly take 16 lanes
+// only.
+template <template <typename, int> class Kernel, bool kSixteenOnly = false, typename... Args>
 void dispatch(const at::Tensor& padded, Args&&... args) {
   const int64_t lanes = padded.size(-1);
   const bool single = padded.scalar_type() == at::kFloat;
   if (lanes == 16) {
     single ? Kernel<float, 16>::run(args...) : Kernel<double, 16>::run(args...);
+  } else if constexpr (kSixteenOnly) {
+    TORCH_CHECK(false, "deepspheres kernels: this kernel takes points padded to 16 lanes, got ",
+                lanes);
   } else {
     TORCH_CHECK(lanes == 32, "deepspheres kernels: points must be padded to 16 or 32 lanes, got ",
                 lanes);
@@ -590,7 +596,7 @@ void check_readout(const at::Tensor& y, int64_t points) {
 at::Tensor sorted_gram_readout(const at::Tensor& y, int64_t points) {
   check_readout(y, points);
   at::Tensor out = at::empty({y.size(0), 2, points, y.size(1)}, y.options());
-  dispatch<ReadoutForward>(y, y, static_cast<int>(points), out);
+  dispatch<ReadoutForward, true>(y, y, static_cast<int>(points), out);
   return out;
 }
 
@@ -602,7 +608,7 @@ at::Tensor sorted_gram_readout_backward(const at::Tensor& grad, const at::Tensor
   TORCH_CHECK(grad_c.numel() == 2 * y.size(0) * points * y.size(1),
               "sorted_gram_readout_backward: gradient does not match the output");
   at::Tensor grad_y = at::empty_like(y);
-  dispatch<ReadoutBackward>(y, grad_c, y, static_cast<int>(points), grad_y);
+  dispatch<ReadoutBackward, true>(y, grad_c, y, static_cast<int>(points), grad_y);
   return grad_y;
 }
 

@@ -1,0 +1,158 @@
+"""The compiled CPU kernels: gradients, agreement with the tensor code, and their limits.
+
+Outputs of whole networks on both code paths are tested in ``tests/test_deepspheres.py``
+(invariance, the plain reference, the released checkpoints); here the kernels' own gradients
+are checked numerically and against autograd of the tensor code.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from models import deepspheres, native
+from tests.test_deepspheres import perturb
+
+
+@pytest.fixture(autouse=True)
+def kernels():
+    if not native.available():
+        pytest.skip("the CPU kernels could not be built on this machine (see the log)")
+
+
+def test_kernels_build_where_a_compiler_exists():
+    # The other tests skip without the kernels; with a compiler, a failed build is a failure.
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C++ compiler ({compiler}) on this machine")
+    assert native.available()
+
+
+def block_inputs(batch, channels, width, n, num_points, pool_points, generator):
+    """Random float64 inputs of :func:`native.sphere_block`, padding lanes zero."""
+    spheres = channels * width
+    lanes = native.lanes(num_points)
+    x = torch.randn(batch, channels, n, lanes, generator=generator, dtype=torch.float64)
+    x[..., num_points:] = 0
+    per = spheres if pool_points else num_points * spheres
+    banks = torch.randn(spheres, n + 1, n + 2, generator=generator, dtype=torch.float64)
+    bias = torch.randn(per, generator=generator, dtype=torch.float64)
+    gates = torch.rand(per, generator=generator, dtype=torch.float64)
+    return [t.requires_grad_() for t in (x, banks, bias, gates)]
+
+
+def block_in_tensors(x, banks, bias, gates, num_points, pool_points, grad_through_norm):
+    """What :func:`native.sphere_block` computes, written with tensor operations."""
+    spheres, lanes = banks.shape[0], x.shape[-1]
+    x = x[:, torch.arange(spheres) // (spheres // x.shape[1])]  # (batch, K, n, lanes)
+    ones = torch.ones_like(x[:, :, :1])
+    embedded = torch.cat([x, -ones, -x.square().sum(2, keepdim=True) / 2], 2)
+    r = torch.einsum("kij,bkjp->bkip", banks, embedded)  # (batch, K, n + 1, lanes)
+    if pool_points:
+        bias, gates = bias.view(1, -1, 1, 1), gates.view(1, -1, 1, 1)
+    else:  # point-major values, padded with zeros
+        shape = (1, num_points, spheres)
+        bias, gates = (torch.nn.functional.pad(t.view(shape).transpose(1, 2),
+                                               (0, lanes - num_points)).unsqueeze(2)
+                       for t in (bias, gates))
+    r = r + bias
+    real = torch.arange(lanes) < num_points
+    norms = r.norm(dim=2, keepdim=True)
+    if pool_points:
+        norms = norms.masked_fill(~real, -1).amax(3, keepdim=True)
+    if not grad_through_norm:
+        norms = norms.detach()
+    return torch.where(real, r / (gates * (norms - 1) + 1 + 1e-12), 0)
+
+
+@pytest.mark.parametrize("num_points", [3, 16, 20])
+@pytest.mark.parametrize("pool_points", [True, False])
+@pytest.mark.parametrize("grad_through_norm", [True, False])
+def test_sphere_block_matches_tensor_code_and_finite_differences(num_points, pool_points,
+                                                                 grad_through_norm):
+    generator = torch.Generator().manual_seed(num_points)
+    inputs = block_inputs(2, 2, 3, 4, num_points, pool_points, generator)
+    options = (num_points, pool_points, grad_through_norm)
+    y = native.sphere_block(*inputs, *options)
+    expected = block_in_tensors(*inputs, *options)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    assert (y[..., num_points:] == 0).all()
+    weights = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    for actual, wanted in zip(torch.autograd.grad((y * weights).sum(), inputs),
+                              torch.autograd.grad((expected * weights).sum(), inputs)):
+        torch.testing.assert_close(actual, wanted, rtol=1e-10, atol=1e-12)
+    if grad_through_norm:
+        assert torch.autograd.gradcheck(lambda *t: native.sphere_block(*t, *options), inputs)
+
+
+def test_sorted_gram_readout_gradients_are_numerically_right():
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 2, 5, 16, generator=generator, dtype=torch.float64)
+    y[..., 11:] = 0
+    y.requires_grad_()
+    assert torch.autograd.gradcheck(lambda y: native.sorted_gram_readout(y, 11), (y,))
+
+
+@pytest.mark.parametrize("preset", [deepspheres.DEH_hulls, deepspheres.DEH_o5reg,
+                                    deepspheres.DEH_skeletons])
+@pytest.mark.parametrize("norm_activations_grad", [True, False])
+def test_gradients_match_the_tensor_code(preset, norm_activations_grad, monkeypatch):
+    model = perturb(preset(norm_activations_grad=norm_activations_grad), 0).double()
+    generator = torch.Generator().manual_seed(1)
+    points = torch.randn(6, model.num_points, model.space_dim, generator=generator,
+                         dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(6, model.linear2.out_features, generator=generator,
+                          dtype=torch.float64)
+    inputs = [points] + [p for p in model.parameters() if p.requires_grad]
+
+    def gradients():
+        return torch.autograd.grad((model(points) * weights).sum(), inputs)
+
+    with_kernels = gradients()
+    monkeypatch.setattr(native, "usable", lambda points: False)
+    for actual, expected in zip(with_kernels, gradients()):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_training_step_matches_float64():
+    torch.manual_seed(0)
+    model = perturb(deepspheres.DEH_hulls(), 2)
+    points = torch.randn(4, 16, 5)
+    loss = model(points).square().sum()
+    loss.backward()
+    reference = perturb(deepspheres.DEH_hulls(), 2).double()
+    reference.load_state_dict(model.state_dict())
+    reference(points.double()).square().sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        if p.grad is not None:
+            scale = q.grad.abs().max().clamp_min(1e-12)
+            assert ((p.grad.double() - q.grad).abs().max() / scale) < 1e-4
+
+
+def test_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv(native.ENVIRONMENT_SWITCH, "0")
+    native.reset()
+    try:
+        assert not native.usable(torch.zeros(1, 4, 3))
+    finally:
+        monkeypatch.undo()
+        native.reset()
+    assert native.usable(torch.zeros(1, 4, 3))
+
+
+def test_what_the_kernels_do_not_take_goes_to_the_tensor_code():
+    assert not native.usable(torch.zeros(1, native.MAX_POINTS + 1, 3))
+    assert not native.usable(torch.zeros(1, 4, 3, dtype=torch.float16))
+    assert not native.usable(torch.zeros(1, 4, 3, device="meta"))
+    model = deepspheres.DeepSpheres(depth=1, width=[2], space_dim=3, num_points=40)
+    assert model(torch.randn(2, 40, 3)).shape == (2, 1)
+
+
+def test_bad_kernel_inputs_are_named():
+    with pytest.raises(ValueError, match="1 to 32 points"):
+        native.lanes(33)
+    with pytest.raises(RuntimeError, match="16 lanes"):
+        native.sorted_gram_readout(torch.zeros(1, 2, 3, 32), 20)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        native.sorted_gram_readout(torch.zeros(1, 2, 3, 16), 17)
