@@ -10,7 +10,7 @@ sample at a time in buffers that stay in the processor's caches:
 
 They give the numbers of the tensor code in :mod:`models.deepspheres` up to rounding, which
 the tests check, and are used for CPU tensors that need them. The kernels are compiled with
-``torch.utils.cpp_extension`` the first time they are needed, which takes a few minutes
+``torch.utils.cpp_extension`` the first time they are needed, which takes half a minute
 and needs a C++ compiler; the build is kept in ``$TORCH_EXTENSIONS_DIR`` (by default
 ``~/.cache/torch_extensions``) and reused by later processes. Without a compiler, or with the
 environment variable ``DEEPSPHERES_NATIVE=0``, the network runs on the tensor code alone.
@@ -89,7 +89,7 @@ def _load() -> bool:
     from torch.utils import cpp_extension
 
     name = _build_name()
-    logger.info("loading the CPU kernels %s (compiled on first use, a few minutes)", name)
+    logger.info("loading the CPU kernels %s (built on first use: half a minute to a minute)", name)
     flags = _compiler_flags()
     try:
         cpp_extension.load(name, sources=[str(SOURCE)], extra_cflags=flags,

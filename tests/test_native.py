@@ -7,11 +7,14 @@ are checked numerically and against autograd of the tensor code.
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from models import deepspheres, native
+from tests.conftest import REPO
 from tests.test_deepspheres import perturb
 
 
@@ -156,3 +159,15 @@ def test_bad_kernel_inputs_are_named():
         native.sorted_gram_readout(torch.zeros(1, 2, 3, 32), 20)
     with pytest.raises(RuntimeError, match="do not fit"):
         native.sorted_gram_readout(torch.zeros(1, 2, 3, 16), 17)
+
+
+def test_failed_build_falls_back_to_the_tensor_code(tmp_path):
+    script = ("import torch\n"
+              "from models import deepspheres, native\n"
+              "print(tuple(deepspheres.DEH_hulls()(torch.randn(2, 16, 5)).shape), "
+              "native.available())\n")
+    environment = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, env=environment, check=True)
+    assert done.stdout.split() == ["(2,", "1)", "False"]
+    assert "could not be built" in done.stderr and "Traceback" not in done.stderr
