@@ -293,12 +293,8 @@ class DeepSpheres(nn.Module):
         self._check_input(points)
         if native.usable(points):
             y = self.native_features(points)  # (batch, channels, dim, lanes)
-            if self.permutation_invariant and y.shape[-1] <= native.FAST_READOUT_LANES:
-                return native.sorted_gram_readout(y, self.num_points).flatten(1)
             if self.permutation_invariant:
-                y = native.from_lanes(y, self.num_points)
-                pooled = torch.stack(pooled_sorted_gram(y.permute(3, 1, 0, 2)))
-                return pooled.permute(2, 0, 1, 3).flatten(1)
+                return native.sorted_gram_readout(y, self.num_points).flatten(1)
             y = y[..., :self.num_points]
             return self._triangle(y.transpose(2, 3) @ y)
         y = self.equivariant_features(points)

@@ -32,7 +32,6 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "deepspheres_cpu.cpp"
 ENVIRONMENT_SWITCH = "DEEPSPHERES_NATIVE"
 # Largest number of points per sample that the kernels take.
 MAX_POINTS = 32
-FAST_READOUT_LANES = 16
 
 
 def _build_name() -> str:

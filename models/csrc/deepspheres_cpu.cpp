@@ -4,8 +4,6 @@
 //   the gated normalization;
 // - sorted_gram_readout: per sample and channel, the Gram matrix of the points' responses,
 //   every row sorted ascending, then the maximum and the mean over the rows at each position.
-//   It takes up to 16 points: for 32 lanes GCC's code for the 191 comparators spilled the
-//   vectors to memory and was slower than torch.sort, which the Python side uses instead.
 //
 // Layout. Tensors keep the points last, padded to L lanes (16 or 32): points (B, C, n, L),
 // responses (B, K, n + 1, L), norms (B, K, L), where B is the batch, N <= L the number of
@@ -103,17 +101,13 @@ struct Lanes {
 };
 
 // Runs Kernel<scalar_t, L>::run(args...) with the lane count L that the padded tensor
-// `padded` has as its last dimension, for its dtype. Kernels with kSixteenOnly take 16 lanes
-// only.
-template <template <typename, int> class Kernel, bool kSixteenOnly = false, typename... Args>
+// `padded` has as its last dimension, for its dtype.
+template <template <typename, int> class Kernel, typename... Args>
 void dispatch(const at::Tensor& padded, Args&&... args) {
   const int64_t lanes = padded.size(-1);
   const bool single = padded.scalar_type() == at::kFloat;
   if (lanes == 16) {
     single ? Kernel<float, 16>::run(args...) : Kernel<double, 16>::run(args...);
-  } else if constexpr (kSixteenOnly) {
-    TORCH_CHECK(false, "deepspheres kernels: this kernel takes points padded to 16 lanes, got ",
-                lanes);
   } else {
     TORCH_CHECK(lanes == 32, "deepspheres kernels: points must be padded to 16 or 32 lanes, got ",
                 lanes);
@@ -435,25 +429,40 @@ struct SortingNetwork {
   }();
 };
 
-// The Gram matrix of one set of N points with its rows sorted side by side. Gram matrices are
-// symmetric, so slot r holds entry r of every row, lane p belonging to row p, and a comparator
-// orders entries i and j of all rows at once. Padding: lanes (rows) from N on hold -inf, which
-// never wins a maximum; slots from N on hold +inf, which sorts after every entry.
+// Lanes per vector in the readout: one register of the widest vectors the target has. Wider
+// generic vectors are not split into registers when they are compared and selected lane by
+// lane: GCC then emits scalar code, tens of times slower.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+
+// The Gram matrix of one set of N <= L points with its rows sorted side by side. Gram matrices
+// are symmetric, so the rows are taken G at a time (G lanes of one vector): slot r of group g
+// holds entry r of rows gG to gG + G - 1, lane p belonging to row gG + p, and a comparator
+// orders entries i and j of G rows at once. Padding: rows from N on hold -inf, which never wins
+// a maximum; slots from N on hold +inf, which sorts after every entry.
 template <typename scalar_t, int L>
 struct SortedGram {
-  using V = Lanes<scalar_t, L>;
+  static constexpr int G = std::min(L, kVectorBytes / static_cast<int>(sizeof(scalar_t)));
+  static constexpr int kGroups = L / G;
+  using V = Lanes<scalar_t, G>;
   using Vec = typename V::Vec;
   using Mask = typename V::Mask;
   using Network = SortingNetwork<L>;
   static constexpr scalar_t kInf = std::numeric_limits<scalar_t>::infinity();
 
-  // Sort the Gram matrix of the points (dim, L) into `slots`; when `swaps` is given, record
-  // which lanes each comparator swapped.
-  static void sort(const Vec* points, int n, int dim, Vec* slots, Mask* swaps) {
-    const Mask real = V::first(n);
+  // Rows of group g that are real points.
+  static Mask real_rows(int n, int g) { return V::first(n - g * G); }
+
+  // Sort the Gram entries of group g of the points (dim, L) of one set into `slots`; when
+  // `swaps` is given, record which lanes each comparator swapped.
+  static void sort(const scalar_t* points, int n, int dim, int g, Vec* slots, Mask* swaps) {
+    const Mask real = real_rows(n, g);
     for (int r = 0; r < n; ++r) {
       Vec total = Vec{};
-      for (int d = 0; d < dim; ++d) total += points[d][r] * points[d];
+      for (int d = 0; d < dim; ++d) total += points[d * L + r] * V::load(points + d * L + g * G);
       slots[r] = real ? total : V::broadcast(-kInf);
     }
     for (int r = n; r < L; ++r) slots[r] = V::broadcast(kInf);
@@ -464,7 +473,8 @@ struct SortedGram {
   }
 
   // Route gradients given at the sorted positions back to the Gram entries by undoing the
-  // recorded swaps in reverse order: afterwards slot q, lane p holds the gradient of G[p, q].
+  // recorded swaps in reverse order: afterwards slot q, lane p holds the gradient of
+  // G[gG + p, q].
   static void unsort(Vec* slots, const Mask* swaps) {
     undo(slots, swaps, std::make_index_sequence<Network::size>());
   }
@@ -506,18 +516,27 @@ struct SortedGram {
       const int dim = static_cast<int>(y.size(2));
       const scalar_t* y_data = y.const_data_ptr<scalar_t>();
       scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-      const Mask real = V::first(n);
       at::parallel_for(0, batch * channels, 8, [&](int64_t begin, int64_t end) {
-        std::vector<Vec> points(dim), slots(L);
+        std::vector<Vec> slots(L);
+        std::array<scalar_t, L> top, sum;
         for (int64_t set = begin; set < end; ++set) {
-          for (int d = 0; d < dim; ++d) points[d] = V::load(y_data + (set * dim + d) * L);
-          sort(points.data(), n, dim, slots.data(), nullptr);
+          const scalar_t* points = y_data + set * dim * L;
+          top.fill(-kInf);
+          sum.fill(0);
+          for (int g = 0; g * G < n; ++g) {
+            sort(points, n, dim, g, slots.data(), nullptr);
+            const Mask real = real_rows(n, g);
+            for (int r = 0; r < n; ++r) {
+              top[r] = std::max(top[r], V::max(slots[r], real));
+              sum[r] += V::sum(slots[r], real);
+            }
+          }
           const int64_t b = set / channels, c = set % channels;
-          scalar_t* top = out_data + b * 2 * n * channels + c;  // out[b, 0, :, c]
-          scalar_t* mean = top + n * channels;                  // out[b, 1, :, c]
+          scalar_t* out_top = out_data + b * 2 * n * channels + c;  // out[b, 0, :, c]
+          scalar_t* out_mean = out_top + n * channels;              // out[b, 1, :, c]
           for (int r = 0; r < n; ++r) {
-            top[r * channels] = V::max(slots[r], real);
-            mean[r * channels] = V::sum(slots[r], real) / static_cast<scalar_t>(n);
+            out_top[r * channels] = top[r];
+            out_mean[r * channels] = sum[r] / static_cast<scalar_t>(n);
           }
         }
       });
@@ -531,41 +550,60 @@ struct SortedGram {
       const scalar_t* y_data = y.const_data_ptr<scalar_t>();
       const scalar_t* grad_data = grad.const_data_ptr<scalar_t>();
       scalar_t* grad_y_data = grad_y.mutable_data_ptr<scalar_t>();
-      const Mask real = V::first(n);
       at::parallel_for(0, batch * channels, 8, [&](int64_t begin, int64_t end) {
-        std::vector<Vec> points(dim), slots(L), grad_slots(L);
-        std::vector<Mask> swaps(Network::size);
-        std::vector<scalar_t> entries(L * L);
+        std::vector<Vec> slots(kGroups * L);
+        std::vector<Mask> swaps(kGroups * Network::size);
+        // entries[q * L + p] is the gradient of G[p, q]; transposed[q * L + p] of G[q, p].
+        std::vector<scalar_t> entries(L * L), transposed(L * L);
+        std::array<scalar_t, L> top;
+        std::array<int, L> reach_count;
         for (int64_t set = begin; set < end; ++set) {
-          for (int d = 0; d < dim; ++d) points[d] = V::load(y_data + (set * dim + d) * L);
-          sort(points.data(), n, dim, slots.data(), swaps.data());
-          const int64_t b = set / channels, c = set % channels;
-          const scalar_t* grad_top = grad_data + b * 2 * n * channels + c;
-          const scalar_t* grad_mean = grad_top + n * channels;
+          const scalar_t* points = y_data + set * dim * L;
+          const int groups = (n + G - 1) / G;
+          top.fill(-kInf);
+          reach_count.fill(0);
+          for (int g = 0; g < groups; ++g) {
+            Vec* group_slots = slots.data() + g * L;
+            sort(points, n, dim, g, group_slots, swaps.data() + g * Network::size);
+            for (int r = 0; r < n; ++r)
+              top[r] = std::max(top[r], V::max(group_slots[r], real_rows(n, g)));
+          }
+          for (int g = 0; g < groups; ++g)
+            for (int r = 0; r < n; ++r)
+              reach_count[r] += V::count(real_rows(n, g) & (slots[g * L + r] == top[r]));
 
           // Gradient at each sorted position: the mean's share, plus the maximum's, shared
           // among the rows that reach it. Then back to the Gram entries.
-          for (int r = 0; r < n; ++r) {
-            const Mask reach = real & (slots[r] == V::max(slots[r], real));
-            const scalar_t share = grad_top[r * channels] / static_cast<scalar_t>(V::count(reach));
-            const scalar_t spread = grad_mean[r * channels] / static_cast<scalar_t>(n);
-            grad_slots[r] = reach ? V::broadcast(spread + share) : V::broadcast(spread);
+          const int64_t b = set / channels, c = set % channels;
+          const scalar_t* grad_top = grad_data + b * 2 * n * channels + c;
+          const scalar_t* grad_mean = grad_top + n * channels;
+          std::fill(entries.begin(), entries.end(), scalar_t(0));
+          for (int g = 0; g < groups; ++g) {
+            Vec* group_slots = slots.data() + g * L;
+            const Mask real = real_rows(n, g);
+            for (int r = 0; r < n; ++r) {
+              const Mask reach = real & (group_slots[r] == top[r]);
+              const scalar_t share = grad_top[r * channels] / static_cast<scalar_t>(reach_count[r]);
+              const scalar_t spread = grad_mean[r * channels] / static_cast<scalar_t>(n);
+              group_slots[r] = reach ? V::broadcast(spread + share) : V::broadcast(spread);
+            }
+            for (int r = n; r < L; ++r) group_slots[r] = Vec{};
+            unsort(group_slots, swaps.data() + g * Network::size);
+            for (int q = 0; q < n; ++q) V::store(entries.data() + q * L + g * G, group_slots[q]);
           }
-          for (int r = n; r < L; ++r) grad_slots[r] = Vec{};
-          unsort(grad_slots.data(), swaps.data());
 
-          // G[p, q] = <y_p, y_q>, so grad y_p = sum_q (grad G[p, q] + grad G[q, p]) y_q,
-          // where grad_slots[q][p] is grad G[p, q].
-          std::memcpy(entries.data(), grad_slots.data(), L * L * sizeof(scalar_t));
-          for (int q = 0; q < n; ++q) {
-            Vec transposed;
-            for (int p = 0; p < L; ++p) transposed[p] = entries[p * L + q];
-            grad_slots[q] += transposed;
-          }
-          for (int d = 0; d < dim; ++d) {
-            Vec total = Vec{};
-            for (int q = 0; q < n; ++q) total += grad_slots[q] * points[d][q];
-            V::store(grad_y_data + (set * dim + d) * L, real ? total : Vec{});
+          // G[p, q] = <y_p, y_q>, so grad y_p = sum_q (grad G[p, q] + grad G[q, p]) y_q.
+          for (int q = 0; q < L; ++q)
+            for (int p = 0; p < L; ++p) transposed[q * L + p] = entries[p * L + q];
+          for (int g = 0; g < kGroups; ++g) {
+            const Mask real = real_rows(n, g);
+            for (int d = 0; d < dim; ++d) {
+              Vec total = Vec{};
+              for (int q = 0; q < n; ++q)
+                total += (V::load(entries.data() + q * L + g * G) +
+                          V::load(transposed.data() + q * L + g * G)) * points[d * L + q];
+              V::store(grad_y_data + (set * dim + d) * L + g * G, real ? total : Vec{});
+            }
           }
         }
       });
@@ -596,7 +634,7 @@ void check_readout(const at::Tensor& y, int64_t points) {
 at::Tensor sorted_gram_readout(const at::Tensor& y, int64_t points) {
   check_readout(y, points);
   at::Tensor out = at::empty({y.size(0), 2, points, y.size(1)}, y.options());
-  dispatch<ReadoutForward, true>(y, y, static_cast<int>(points), out);
+  dispatch<ReadoutForward>(y, y, static_cast<int>(points), out);
   return out;
 }
 
@@ -608,7 +646,7 @@ at::Tensor sorted_gram_readout_backward(const at::Tensor& grad, const at::Tensor
   TORCH_CHECK(grad_c.numel() == 2 * y.size(0) * points * y.size(1),
               "sorted_gram_readout_backward: gradient does not match the output");
   at::Tensor grad_y = at::empty_like(y);
-  dispatch<ReadoutBackward, true>(y, grad_c, y, static_cast<int>(points), grad_y);
+  dispatch<ReadoutBackward>(y, grad_c, y, static_cast<int>(points), grad_y);
   return grad_y;
 }
 
