@@ -124,6 +124,8 @@ def run(experiment: Experiment, config: Config) -> dict[str, Any]:
 
     # The checkpoint to evaluate, and the data options it was trained with.
     checkpoint = None
+    if trainer.resume:  # a damaged file is reported now, not after the data are built
+        read_checkpoint(trainer.resume, trainer.device)
     if trainer.test_only:
         checkpoint = read_checkpoint(trainer.checkpoint, trainer.device)
         use_checkpoint_data(config, checkpoint, trainer.checkpoint)

@@ -1,5 +1,6 @@
 """The trainer on short O(5) runs: learning, resuming, stopping on bad input, checkpoint errors."""
 
+import functools
 import json
 import logging
 import os
@@ -173,6 +174,24 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_line(tmp_path, caplog
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert status == 2 and errors == [f"{path} is not a torch checkpoint (or is damaged)"]
     assert "weights_only" not in caplog.text
+
+
+def test_a_damaged_resume_file_is_refused_before_the_data_are_built(tmp_path, monkeypatch):
+    built = []
+    original = O5Regression.__init__
+
+    @functools.wraps(original)  # keeps the signature the configuration reads
+    def spy(self, *args, **kwargs):
+        built.append(True)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(O5Regression, "__init__", spy)
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"junk")
+    assert main("o5_regression", o5_arguments(tmp_path, f"--trainer.resume={path}")) == 2
+    assert built == []
+    assert main("o5_regression", o5_arguments(tmp_path, "--trainer.max_steps=2")) == 0
+    assert built == [True]  # the spy sees the data being built
 
 
 class CallsOnLoad:
