@@ -4,21 +4,21 @@ Table 1, per preset at the paper's batch size and per number of threads: the med
 training step (forward, backward, Adam step) after a warm-up, inference throughput (forward
 without gradients), and the peak resident memory a training step adds, for the model (on the
 compiled CPU kernels of ``models/native.py``), for the model on its tensor code alone (kernels
-switched off), and for ``tests/naive_reference.py`` (a batched stand-in for the published code that computes what it
-computes, the way it computes it). The model runs as the entry scripts run it, with fused Adam
-and freed memory kept in the process (``engineer/memory.py``); the naive one with torch's
-defaults. With ``--compiled`` the table also trains the model through ``torch.compile``
-(``trainer.compile=True``, with the kernels): the step time once compiled, and how long
-compiling took. Each
-configuration runs in a fresh subprocess, so that the thread setting and ``ru_maxrss`` (the
-peak resident set size, a high-water mark) belong to it alone; memory is that peak after the
-timed steps minus the one before the first step.
+switched off), and for ``tests/naive_reference.py`` (a batched stand-in for the published code
+that computes what it computes, the way it computes it). The model runs as the entry scripts
+run it, with fused Adam and freed memory kept in the process (``engineer/memory.py``); the
+naive one with torch's defaults. With ``--compiled`` the table also trains the model through
+``torch.compile`` (``trainer.compile=True``, with the kernels): the step time once compiled,
+and how long compiling took. Each configuration runs in a fresh subprocess, so that the thread
+setting and ``ru_maxrss`` (the peak resident set size, a high-water mark) belong to it alone;
+memory is that peak after the timed steps minus the one before the first step.
 
 Table 2: one layer of spheres over the space dimension ``n`` and the number of spheres ``K``
 (4 input channels, ``K / 4`` spheres each, 32 samples of 16 points): time to build the filter
-banks, and a forward and backward pass, for both implementations, and the kernel's block (the
-layer with its bias and normalization) forward and backward. The naive one is skipped where
-its dense matrices would take more than 100 MB.
+banks, and a forward and backward pass, for both implementations; then a block (the layer with
+a bias and the gated normalization, as in the network) forward and backward, in the tensor code
+and in the CPU kernel. The naive one is skipped where its dense matrices would take more than
+100 MB.
 
 Usage: ``python -m benchmarks.speed [--quick] [--threads 1 2] [--steps 200] [--compiled]``.
 """
@@ -43,7 +43,8 @@ if str(REPO) not in sys.path:
 from engineer.memory import keep_freed_memory  # noqa: E402
 from engineer.trainer import compiled  # noqa: E402
 from models import native  # noqa: E402
-from models.deepspheres import DEH_hulls, DEH_o5reg, DEH_skeletons  # noqa: E402
+from models.deepspheres import (DEH_hulls, DEH_o5reg, DEH_skeletons,  # noqa: E402
+                                GatedNormalization)
 from models.hyperspheres import EquivariantHyperspheres  # noqa: E402
 from tests import naive_reference as naive  # noqa: E402
 
@@ -129,17 +130,23 @@ def measure_scaling(n: int, num_spheres: int, implementation: str, steps: int,
         keep_freed_memory()
     layer = EquivariantHyperspheres(n, SCALING_CHANNELS, num_spheres // SCALING_CHANNELS)
     points = torch.randn(32, 16, SCALING_CHANNELS, n)
+    # A block: the layer, a bias per sphere and the gated normalization (gates at 0.5).
+    bias = torch.zeros(num_spheres, requires_grad=True)
+    normalize = GatedNormalization(num_spheres)
     if implementation == "model":
         banks, forward = layer.filter_bank, layer
-    elif implementation == "kernel":
-        # The layer with a bias and the normalization, in the kernels' layout.
-        points = points.permute(0, 2, 3, 1).contiguous()  # (batch, channels, n, 16 lanes)
-        bias = torch.zeros(num_spheres, requires_grad=True)
-        gates = torch.full((num_spheres,), 0.5)
+    elif implementation == "block":
         banks = layer.filter_bank
 
         def forward(x):
-            return native.sphere_block(x, banks(), bias, gates, 16, pool_points=True)
+            return normalize(layer(x) + bias.view(-1, 1))
+    elif implementation == "kernel":  # the same block, in the kernels' layout
+        points = points.permute(0, 2, 3, 1).contiguous()  # (batch, channels, n, 16 lanes)
+        banks = layer.filter_bank
+
+        def forward(x):
+            return native.sphere_block(x, banks(), bias, torch.sigmoid(normalize.a), 16,
+                                       pool_points=True)
     else:
         def banks():
             return naive.dense_filter_banks(layer.spheres())
@@ -190,7 +197,8 @@ def preset_table(threads: list[int], steps: int, warmup: int, with_compiled: boo
                 steps=steps, warmup=warmup)) for implementation in implementations}
             fast, slow = results["model"], results["naive"]
             line = (f"| {preset} | {batch} | {count} | {fast['step_ms']:.2f} | "
-                    f"{results['tensors']['step_ms']:.2f} | {slow['step_ms']:.2f} | {slow['step_ms'] / fast['step_ms']:.1f}x | "
+                    f"{results['tensors']['step_ms']:.2f} | {slow['step_ms']:.2f} | "
+                    f"{slow['step_ms'] / fast['step_ms']:.1f}x | "
                     f"{fast['samples_per_s']:,.0f} | {slow['samples_per_s']:,.0f} | "
                     f"{fast['memory_mib']:.1f} | {slow['memory_mib']:.1f} |")
             if with_compiled:
@@ -203,14 +211,15 @@ def preset_table(threads: list[int], steps: int, warmup: int, with_compiled: boo
 
 def scaling_table(dims, spheres, steps: int, warmup: int) -> str:
     lines = ["| n | spheres K | model banks (ms) | naive banks (ms) | model layer fwd+bwd (ms) "
-             "| naive layer fwd+bwd (ms) | layer speed-up | kernel block fwd+bwd (ms) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| naive layer fwd+bwd (ms) | layer speed-up | tensor-code block fwd+bwd (ms) "
+             "| kernel block fwd+bwd (ms) | block speed-up |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n in dims:
         for num_spheres in spheres:
-            fast, kernel = (run_child(dict(kind="scaling", n=n, num_spheres=num_spheres,
-                                           implementation=implementation, steps=steps,
-                                           warmup=warmup))
-                            for implementation in ("model", "kernel"))
+            fast, block, kernel = (
+                run_child(dict(kind="scaling", n=n, num_spheres=num_spheres,
+                               implementation=implementation, steps=steps, warmup=warmup))
+                for implementation in ("model", "block", "kernel"))
             dense_bytes = num_spheres * (n + 1) * (n + 2) ** 2 * 8
             if dense_bytes <= NAIVE_MAX_BYTES:
                 slow = run_child(dict(kind="scaling", n=n, num_spheres=num_spheres,
@@ -221,7 +230,8 @@ def scaling_table(dims, spheres, steps: int, warmup: int) -> str:
                 naive_bank = naive_layer = ratio = "skipped"
             lines.append(f"| {n} | {num_spheres} | {fast['bank_ms']:.3f} | {naive_bank} | "
                          f"{fast['layer_ms']:.2f} | {naive_layer} | {ratio} | "
-                         f"{kernel['layer_ms']:.2f} |")
+                         f"{block['layer_ms']:.2f} | {kernel['layer_ms']:.2f} | "
+                         f"{block['layer_ms'] / kernel['layer_ms']:.1f}x |")
     return "\n".join(lines)
 
 

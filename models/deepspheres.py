@@ -10,6 +10,9 @@ point is transformed by the same element of O(n):
 3. a readout of the Gram matrix: sorted rows pooled by maximum and mean (invariant to the order
    of the points) or its upper triangle (ordered points);
 4. a two-layer perceptron head.
+
+On the CPU, steps 1 to 3 run in compiled kernels where they can be built (:mod:`models.native`),
+with the same numbers as the tensor code here up to rounding.
 """
 
 import functools
@@ -270,8 +273,16 @@ class DeepSpheres(nn.Module):
         return y
 
     def native_features(self, points: torch.Tensor) -> torch.Tensor:
-        """:meth:`equivariant_features` through the CPU kernels, in their layout
-        ``(batch, channels, space_dim + depth, lanes)`` (see :mod:`models.native`)."""
+        """The responses of :meth:`equivariant_features`, computed by the CPU kernels.
+
+        Args:
+            points: shape ``(batch, num_points, space_dim)``, on the CPU.
+
+        Returns:
+            Responses in the kernels' layout, shape ``(batch, channels, space_dim + depth,
+            lanes)``: the points along the last dimension, zero-padded to 16 or 32 lanes
+            (see :mod:`models.native`).
+        """
         y = native.to_lanes(points)
         for layer, bias, normalize in zip(self.spheres, self.biases, self.norm_layers):
             y = native.sphere_block(y, layer.filter_bank().to(y.dtype), bias.view(-1).to(y.dtype),

@@ -32,6 +32,10 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "deepspheres_cpu.cpp"
 ENVIRONMENT_SWITCH = "DEEPSPHERES_NATIVE"
 # Largest number of points per sample that the kernels take.
 MAX_POINTS = 32
+# Largest space dimension for which the network uses the kernels: they apply each filter bank
+# point by point, and from n = 64 on the tensor code's matrix products are faster
+# (docs/benchmarks.md, scaling table).
+MAX_SPACE_DIM = 32
 
 
 def _build_name() -> str:
@@ -105,10 +109,12 @@ def _load() -> bool:
 
 
 def usable(points: torch.Tensor) -> bool:
-    """True when the kernels can take these points ``(batch, N, n)``: float32 or float64 on
-    the CPU, at most ``MAX_POINTS`` of them."""
+    """True when the network should run these points ``(batch, N, n)`` on the kernels:
+    float32 or float64 on the CPU, at most ``MAX_POINTS`` of them, ``n`` at most
+    ``MAX_SPACE_DIM``."""
     return (points.device.type == "cpu" and points.dtype in (torch.float32, torch.float64)
-            and points.shape[1] <= MAX_POINTS and available())
+            and points.shape[1] <= MAX_POINTS and points.shape[2] <= MAX_SPACE_DIM
+            and available())
 
 
 def _register_fake_kernels():
@@ -166,6 +172,12 @@ class _SortedGramReadout(torch.autograd.Function):
         return torch.ops.deepspheres.sorted_gram_readout_backward(grad, y, ctx.points), None
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the CPU kernels are not available on this machine (the log says "
+                           "why); models.deepspheres runs without them")
+
+
 def lanes(num_points: int) -> int:
     """Length of the padded points dimension of the kernels' tensors: 16 or 32."""
     if not 1 <= num_points <= MAX_POINTS:
@@ -208,6 +220,7 @@ def sphere_block(x: torch.Tensor, banks: torch.Tensor, bias: torch.Tensor, gates
     Returns:
         Normalized responses, shape ``(batch, K, n + 1, lanes)``, zero in the padding lanes.
     """
+    _require()
     return _SphereBlock.apply(x.contiguous(), banks.contiguous(), bias.contiguous(),
                               gates.contiguous(), num_points, pool_points, grad_through_norm)
 
@@ -223,4 +236,5 @@ def sorted_gram_readout(y: torch.Tensor, num_points: int) -> torch.Tensor:
         ``(batch, 2, num_points, channels)``: index 0 of the second dimension holds the
         maximum over the rows at each sorted position, index 1 the mean.
     """
+    _require()
     return _SortedGramReadout.apply(y.contiguous(), num_points)

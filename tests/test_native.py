@@ -147,6 +147,7 @@ def test_switch_turns_the_kernels_off(monkeypatch):
 
 def test_what_the_kernels_do_not_take_goes_to_the_tensor_code():
     assert not native.usable(torch.zeros(1, native.MAX_POINTS + 1, 3))
+    assert not native.usable(torch.zeros(1, 4, native.MAX_SPACE_DIM + 1))
     assert not native.usable(torch.zeros(1, 4, 3, dtype=torch.float16))
     assert not native.usable(torch.zeros(1, 4, 3, device="meta"))
     model = deepspheres.DeepSpheres(depth=1, width=[2], space_dim=3, num_points=40)
@@ -166,9 +167,13 @@ def test_failed_build_falls_back_to_the_tensor_code(tmp_path):
     script = ("import torch\n"
               "from models import deepspheres, native\n"
               "print(tuple(deepspheres.DEH_hulls()(torch.randn(2, 16, 5)).shape), "
-              "native.available())\n")
+              "native.available())\n"
+              "try:\n"
+              "    native.sorted_gram_readout(torch.zeros(1, 1, 3, 16), 3)\n"
+              "except RuntimeError as error:\n"
+              "    print('not available' in str(error))\n")
     environment = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                           text=True, env=environment, check=True)
-    assert done.stdout.split() == ["(2,", "1)", "False"]
+    assert done.stdout.split() == ["(2,", "1)", "False", "True"]
     assert "could not be built" in done.stderr and "Traceback" not in done.stderr

@@ -332,7 +332,8 @@ struct BlockKernels {
             scalar_t* gx = grad_x_data + b * s.in_channels * n * L;
             for (int64_t c = 0; c < s.in_channels; ++c)
               for (int64_t d = 0; d < n; ++d) {
-                const Vec value = grad_e[c * cols + d] - grad_e[c * cols + n + 1] * e[c * cols + d];
+                const Vec value =
+                    grad_e[c * cols + d] - grad_e[c * cols + n + 1] * e[c * cols + d];
                 V::store(gx + (c * n + d) * L, real ? value : Vec{});
               }
           }
@@ -583,7 +584,8 @@ struct SortedGram {
             const Mask real = real_rows(n, g);
             for (int r = 0; r < n; ++r) {
               const Mask reach = real & (group_slots[r] == top[r]);
-              const scalar_t share = grad_top[r * channels] / static_cast<scalar_t>(reach_count[r]);
+              const scalar_t share =
+                  grad_top[r * channels] / static_cast<scalar_t>(reach_count[r]);
               const scalar_t spread = grad_mean[r * channels] / static_cast<scalar_t>(n);
               group_slots[r] = reach ? V::broadcast(spread + share) : V::broadcast(spread);
             }
