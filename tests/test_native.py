@@ -177,3 +177,27 @@ def test_failed_build_falls_back_to_the_tensor_code(tmp_path):
                           text=True, env=environment, check=True)
     assert done.stdout.split() == ["(2,", "1)", "False", "True"]
     assert "could not be built" in done.stderr and "Traceback" not in done.stderr
+
+
+def on_both_paths(function, monkeypatch):
+    """``function()`` on the kernels, then on the tensor code alone."""
+    with_kernels = function()
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "usable", lambda points: False)
+        return with_kernels, function()
+
+
+@pytest.mark.parametrize("preset", [deepspheres.DEH_hulls, deepspheres.DEH_skeletons])
+def test_a_nan_spreads_over_its_sample_as_in_the_tensor_code(preset, monkeypatch):
+    # The maximum norm over the points, and the maximum over the Gram rows, take in the NaN,
+    # as torch.amax does: no finite or -inf feature hides it.
+    model = perturb(preset(), 0).double()
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(3, model.num_points, model.space_dim, generator=generator,
+                         dtype=torch.float64)
+    points[1, 3, 1] = float("nan")
+    for features in (model.equivariant_features, model.invariant_features):
+        with_kernels, expected = on_both_paths(lambda: features(points), monkeypatch)
+        assert expected[1].isnan().all()
+        torch.testing.assert_close(with_kernels, expected, rtol=1e-12, atol=1e-12,
+                                   equal_nan=True)

@@ -79,10 +79,13 @@ struct Lanes {
     return reduce(values, [](scalar_t a, scalar_t b) { return a + b; });
   }
 
+  // The larger of a and b, or NaN when either is, as torch.amax (std::max drops a NaN b).
+  static scalar_t max_nan(scalar_t a, scalar_t b) { return a < b || b != b ? b : a; }
+
   static scalar_t max(const Vec& v, const Mask& real) {
     alignas(sizeof(Vec)) scalar_t values[L];
     store(values, real ? v : broadcast(-std::numeric_limits<scalar_t>::infinity()));
-    return reduce(values, [](scalar_t a, scalar_t b) { return std::max(a, b); });
+    return reduce(values, max_nan);
   }
 
   static int count(const Mask& m) {
@@ -528,7 +531,7 @@ struct SortedGram {
             sort(points, n, dim, g, slots.data(), nullptr);
             const Mask real = real_rows(n, g);
             for (int r = 0; r < n; ++r) {
-              top[r] = std::max(top[r], V::max(slots[r], real));
+              top[r] = V::max_nan(top[r], V::max(slots[r], real));
               sum[r] += V::sum(slots[r], real);
             }
           }
@@ -567,7 +570,7 @@ struct SortedGram {
             Vec* group_slots = slots.data() + g * L;
             sort(points, n, dim, g, group_slots, swaps.data() + g * Network::size);
             for (int r = 0; r < n; ++r)
-              top[r] = std::max(top[r], V::max(group_slots[r], real_rows(n, g)));
+              top[r] = V::max_nan(top[r], V::max(group_slots[r], real_rows(n, g)));
           }
           for (int g = 0; g < groups; ++g)
             for (int r = 0; r < n; ++r)
