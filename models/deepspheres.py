@@ -283,7 +283,12 @@ class DeepSpheres(nn.Module):
             lanes)``: the points along the last dimension, zero-padded to 16 or 32 lanes
             (see :mod:`models.native`).
         """
-        y = native.to_lanes(points)
+        # The tensor code adds the biases and gates to the responses, which promotes them to
+        # the parameters' dtype: float32 points in a float64 network give float64 features.
+        dtype = points.dtype
+        for parameter in [*self.biases, *(normalize.a for normalize in self.norm_layers)]:
+            dtype = torch.promote_types(dtype, parameter.dtype)
+        y = native.to_lanes(points.to(dtype))
         for layer, bias, normalize in zip(self.spheres, self.biases, self.norm_layers):
             y = native.sphere_block(y, layer.filter_bank().to(y.dtype), bias.view(-1).to(y.dtype),
                                     torch.sigmoid(normalize.a).to(y.dtype), self.num_points,

@@ -201,3 +201,13 @@ def test_a_nan_spreads_over_its_sample_as_in_the_tensor_code(preset, monkeypatch
         assert expected[1].isnan().all()
         torch.testing.assert_close(with_kernels, expected, rtol=1e-12, atol=1e-12,
                                    equal_nan=True)
+
+
+def test_float32_points_in_a_float64_network(monkeypatch):
+    # The tensor code promotes the responses to the parameters' dtype when adding the biases.
+    model = perturb(deepspheres.DEH_hulls(), 0).double()
+    points = torch.randn(4, 16, 5, generator=torch.Generator().manual_seed(0))
+    with_kernels, in_tensors = on_both_paths(lambda: model(points), monkeypatch)
+    assert with_kernels.dtype == in_tensors.dtype == torch.float64
+    torch.testing.assert_close(with_kernels, model(points.double()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(with_kernels, in_tensors, rtol=1e-5, atol=1e-6)
