@@ -152,6 +152,7 @@ class _SphereBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_second_derivatives()
         grads = torch.ops.deepspheres.sphere_block_backward(grad, *ctx.saved_tensors,
                                                             *ctx.options)
         return (*grads, None, None, None)
@@ -168,8 +169,20 @@ class _SortedGramReadout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_second_derivatives()
         y, = ctx.saved_tensors
         return torch.ops.deepspheres.sorted_gram_readout_backward(grad, y, ctx.points), None
+
+
+def _refuse_second_derivatives() -> None:
+    """Raise in a backward pass that builds a graph (``create_graph=True``): the backward
+    kernels are not differentiable, so second derivatives would come out wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the CPU kernels of models.native give first derivatives only, and a backward "
+            "pass with create_graph=True (a gradient penalty, a Hessian) needs second ones; "
+            f"set {ENVIRONMENT_SWITCH}=0 (and call models.native.reset() if this process has "
+            "used the kernels) to run the network on the tensor code")
 
 
 def _require() -> None:

@@ -211,3 +211,20 @@ def test_float32_points_in_a_float64_network(monkeypatch):
     assert with_kernels.dtype == in_tensors.dtype == torch.float64
     torch.testing.assert_close(with_kernels, model(points.double()), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(with_kernels, in_tensors, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", [deepspheres.DEH_hulls, deepspheres.DEH_o5reg])
+def test_second_derivatives_are_refused_not_wrong(preset, monkeypatch):
+    model = perturb(preset(), 0).double()
+    points = torch.randn(2, model.num_points, model.space_dim, dtype=torch.float64,
+                         requires_grad=True)
+
+    def gradient_penalty():
+        gradient, = torch.autograd.grad(model(points).sum(), points, create_graph=True)
+        return gradient.square().sum()
+
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        gradient_penalty()
+    monkeypatch.setattr(native, "usable", lambda points: False)
+    gradient_penalty().backward()
+    assert points.grad.isfinite().all()
