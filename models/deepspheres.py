@@ -325,7 +325,7 @@ class DeepSpheres(nn.Module):
         last = self.num_points - 1
         if last > 0:
             # Weigh the corner entry like the symmetric pair it stands for.
-            scale = torch.ones_like(gram[0, 0])
+            scale = gram.new_ones(gram.shape[-2:])
             scale[0, last] = math.sqrt(2)
             gram = gram * scale
         triangle = gram[:, :, self._triu_rows, self._triu_cols]  # (batch, channels, entries)

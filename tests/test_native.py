@@ -228,3 +228,13 @@ def test_second_derivatives_are_refused_not_wrong(preset, monkeypatch):
     monkeypatch.setattr(native, "usable", lambda points: False)
     gradient_penalty().backward()
     assert points.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("preset", [deepspheres.DEH_hulls, deepspheres.DEH_o5reg])
+def test_an_empty_batch(preset, monkeypatch):
+    model = preset().double()
+    points = torch.zeros(0, model.num_points, model.space_dim, dtype=torch.float64,
+                         requires_grad=True)
+    for outputs in on_both_paths(lambda: model(points), monkeypatch):
+        assert outputs.shape == (0, model.linear2.out_features)
+        outputs.sum().backward()
