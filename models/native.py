@@ -9,7 +9,9 @@ sample at a time in buffers that stay in the processor's caches:
   sorted, pooled over the rows by maximum and mean.
 
 They give the numbers of the tensor code in :mod:`models.deepspheres` up to rounding, which
-the tests check, and are used for CPU tensors that need them. The kernels are compiled with
+the tests check; the network uses them for float32 and float64 inputs on the CPU with at most
+``MAX_POINTS`` points in at most ``MAX_SPACE_DIM`` dimensions (:func:`usable`), and the tensor
+code for everything else. The kernels are compiled with
 ``torch.utils.cpp_extension`` the first time they are needed, which takes half a minute
 and needs a C++ compiler; the build is kept in ``$TORCH_EXTENSIONS_DIR`` (by default
 ``~/.cache/torch_extensions``) and reused by later processes. Without a compiler, or with the
