@@ -169,9 +169,15 @@ def check_options(sweep: dict[str, Any], runs: list[Run]) -> None:
             raise SweepError(f"run {run.key}: an option asks for --help") from None
 
 
-def execute(arguments: list[str], log_path: str) -> int:
-    """Run one command with its output in ``log_path``; returns its exit status."""
-    with open(log_path, "a") as log:
+def execute(run: Run, arguments: list[str]) -> int:
+    """Run one command with its output in the run's ``sweep.log``; returns its exit status.
+
+    A run that another sweep finished after this one started is not run again. (Two sweeps
+    that start the same run at the same time both run it.)
+    """
+    if run.results() is not None:
+        return 0
+    with open(run.base / "sweep.log", "a") as log:
         return subprocess.run(arguments, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL).returncode
 
@@ -181,8 +187,7 @@ def run_local(jobs: list[tuple[Run, list[str]]], workers: int) -> dict[str, int]
     statuses = {}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
     try:
-        futures = {pool.submit(execute, arguments, str(run.base / "sweep.log")): run
-                   for run, arguments in jobs}
+        futures = {pool.submit(execute, run, arguments): run for run, arguments in jobs}
         for future in concurrent.futures.as_completed(futures):
             run = futures[future]
             statuses[run.key] = future.result()
@@ -207,8 +212,7 @@ def run_submitit(jobs: list[tuple[Run, list[str]]], executor: str, folder: Path,
         pool = submitit.LocalExecutor(folder=folder)
         pool.update_parameters(timeout_min=slurm.get("timeout_min", 24 * 60))
     with pool.batch():
-        submitted = [(run, pool.submit(execute, arguments, str(run.base / "sweep.log")))
-                     for run, arguments in jobs]
+        submitted = [(run, pool.submit(execute, run, arguments)) for run, arguments in jobs]
     statuses = {}
     for run, job in submitted:
         try:

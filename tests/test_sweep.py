@@ -170,3 +170,16 @@ def test_targets_are_judged_only_at_the_paper_step_count():
         (10, 0.1, "not judged: fewer steps than the paper"), (50, 2.0, "met (<= 2.5)")]
     assert aggregate.summarize(records[:2], {"num_samples": 100, "at_least": 2.5})[0][
         "target"] == "MISSED (>= 2.5)"
+
+
+def test_a_run_finished_by_another_sweep_meanwhile_is_not_run_again(tmp_path):
+    run = sweep.Run("seed=0", {"seed": 0}, tmp_path)
+    marker = tmp_path / "ran"
+    arguments = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
+    finished = tmp_path / "o5_regression" / "default-seed0" / "results.json"
+    finished.parent.mkdir(parents=True)
+    finished.write_text('{"status": "running"}')
+    assert sweep.execute(run, arguments) == 0 and marker.exists()
+    marker.unlink()
+    finished.write_text('{"status": "finished"}')
+    assert sweep.execute(run, arguments) == 0 and not marker.exists()
