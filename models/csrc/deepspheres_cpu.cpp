@@ -82,10 +82,14 @@ struct Lanes {
   // The larger of a and b, or NaN when either is, as torch.amax (std::max drops a NaN b).
   static scalar_t max_nan(scalar_t a, scalar_t b) { return a < b || b != b ? b : a; }
 
+  // The maximum over the real lanes, NaN when one of them is. The NaN test is a separate
+  // vector comparison: a reduction with max_nan does not vectorize and made a hulls step 20 %
+  // slower.
   static scalar_t max(const Vec& v, const Mask& real) {
+    if (count(real & (v != v)) > 0) return std::numeric_limits<scalar_t>::quiet_NaN();
     alignas(sizeof(Vec)) scalar_t values[L];
     store(values, real ? v : broadcast(-std::numeric_limits<scalar_t>::infinity()));
-    return reduce(values, max_nan);
+    return reduce(values, [](scalar_t a, scalar_t b) { return std::max(a, b); });
   }
 
   static int count(const Mask& m) {
